@@ -1,0 +1,337 @@
+"""Configuration: dataclasses, YAML recipes with ``include``, dotted CLI overrides, validation.
+
+A recipe is a YAML mapping whose top-level keys are the sections of :class:`Config`. A recipe may
+``include:`` one path or a list of paths (relative to itself); included files are merged first,
+in order, and the including file wins. Overrides ``section.key=value`` (values parsed as YAML)
+are applied last. Every unknown key, wrong type and impossible parallel layout is rejected with a
+one-line :class:`ConfigError` naming the key and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid. The message names the key and the rule."""
+
+
+# ----------------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ModelConfig:
+    """LLaDA2.0-Uni backbone (LLaDA2.0-mini / Ling-mini-2.0 architecture, Uni vocabulary)."""
+
+    num_layers: int = 20
+    hidden_size: int = 2048
+    ffn_hidden_size: int = 5120            # dense SwiGLU FFN of the first `first_k_dense` layers
+    first_k_dense: int = 1
+    num_attention_heads: int = 16
+    num_query_groups: int = 4
+    kv_channels: int = 128                 # head dim
+    num_experts: int = 256
+    moe_ffn_hidden_size: int = 512
+    moe_router_topk: int = 8
+    moe_router_num_groups: int = 8
+    moe_router_group_topk: int = 4
+    moe_router_topk_scaling_factor: float = 2.5
+    moe_shared_expert_intermediate_size: int = 512
+    moe_router_bias_update_rate: float = 1e-3
+    moe_z_loss_coeff: Optional[float] = None
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_grouped_gemm: bool = False         # TE grouped GEMM experts (GPU only)
+    rotary_base: int = 600000
+    rotary_percent: float = 0.5
+    norm_epsilon: float = 1e-6
+    text_vocab: int = 157184               # = image_offset
+    num_image_codes: int = 16384
+    vocab: int = 173568                    # model vocabulary rows (text + image codes, padded)
+    max_position_embeddings: int = 8192
+    init_method_std: float = 0.02
+    params_dtype: str = "float32"          # float32 | bfloat16
+    transformer_impl: str = "auto"         # auto (TE if importable) | transformer_engine | local
+    fp8: Optional[str] = None              # None | e4m3 | hybrid
+    fp8_recipe: str = "delayed"            # delayed | tensorwise | blockwise
+    recompute_granularity: Optional[str] = None   # None | full | selective
+    recompute_modules: Optional[List[str]] = None
+
+    @property
+    def moe_layer_pattern(self) -> List[int]:
+        return [0] * self.first_k_dense + [1] * (self.num_layers - self.first_k_dense)
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None
+    context: int = 1
+    expert: int = 1
+    expert_tensor: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    world_size: Optional[int] = None       # None: taken from the launcher at run time
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: Optional[str] = None             # dataset prefix / directory; None = built-in demo data
+    tokenizer: Optional[str] = None        # directory holding tokenizer.json
+    seq_length: int = 256
+    block_size: int = 32
+    micro_batch_size: int = 2
+    global_batch_size: int = 4
+    num_workers: int = 0
+    seed: int = 1234
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    train_iters: int = 10
+    warmup_iters: int = 2
+    decay_style: str = "cosine"            # constant | linear | cosine
+    mask_ratio_min: float = 0.3
+    mask_ratio_max: float = 0.8
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: int = 0                 # 0: save only at the end
+    finetune: bool = False                 # load model weights only, reset iteration/optimizer
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    level: str = "INFO"
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------
+def _read_yaml(path: str, stack: Sequence[str] = ()) -> Dict[str, Any]:
+    path = os.path.abspath(path)
+    if path in stack:
+        raise ConfigError(f"{path}: include cycle through {' -> '.join(stack)}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe not found: {path}")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    includes = raw.pop("include", [])
+    includes = [includes] if isinstance(includes, str) else includes
+    merged: Dict[str, Any] = {}
+    for inc in includes:
+        inc_path = inc if os.path.isabs(inc) else os.path.join(os.path.dirname(path), inc)
+        _deep_merge(merged, _read_yaml(inc_path, (*stack, path)))
+    _deep_merge(merged, raw)
+    return merged
+
+
+def _deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def parse_override(text: str) -> tuple:
+    """``section.key=value`` -> (["section", "key"], parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, value = text.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) != 2 or not all(keys):
+        raise ConfigError(f"override {dotted!r} must name section.key (e.g. optimizer.lr=1e-4)")
+    return keys, yaml.safe_load(value) if value.strip() else None
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's type, accepting int for float. Raise naming ``key``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    if annotation in (float, str) and not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def config_from_dict(raw: Dict[str, Any]) -> Config:
+    cfg = Config()
+    hints = typing.get_type_hints(Config)
+    for section, values in raw.items():
+        if section not in hints:
+            raise ConfigError(f"unknown section {section!r}; known: {', '.join(hints)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {type(values).__name__}")
+        obj = getattr(cfg, section)
+        fields = typing.get_type_hints(type(obj))
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"unknown key {section}.{key}; known: {', '.join(fields)}")
+            setattr(obj, key, _coerce(f"{section}.{key}", value, fields[key]))
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a recipe (or the defaults), apply ``section.key=value`` overrides, validate."""
+    raw = _read_yaml(path) if path else {}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: expected a mapping of keys")
+        raw[section][key] = value
+    return config_from_dict(raw)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_model(m: ModelConfig) -> None:
+    _require(m.num_layers > 0, f"model.num_layers must be > 0, got {m.num_layers}")
+    _require(0 <= m.first_k_dense <= m.num_layers,
+             f"model.first_k_dense={m.first_k_dense} must lie in [0, model.num_layers={m.num_layers}]")
+    _require(m.num_attention_heads % m.num_query_groups == 0,
+             f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
+             f"model.num_query_groups={m.num_query_groups}")
+    _require(m.moe_router_topk <= m.num_experts,
+             f"model.moe_router_topk={m.moe_router_topk} exceeds model.num_experts={m.num_experts}")
+    _require(m.num_experts % m.moe_router_num_groups == 0,
+             f"model.num_experts={m.num_experts} must be divisible by "
+             f"model.moe_router_num_groups={m.moe_router_num_groups}")
+    _require(m.moe_router_group_topk <= m.moe_router_num_groups,
+             f"model.moe_router_group_topk={m.moe_router_group_topk} exceeds "
+             f"model.moe_router_num_groups={m.moe_router_num_groups}")
+    _require(m.vocab >= m.text_vocab,
+             f"model.vocab={m.vocab} is smaller than model.text_vocab={m.text_vocab}")
+    _require(0.0 < m.rotary_percent <= 1.0, f"model.rotary_percent={m.rotary_percent} must be in (0, 1]")
+    _require(m.params_dtype in ("float32", "bfloat16"),
+             f"model.params_dtype={m.params_dtype!r} must be float32 or bfloat16")
+    _require(m.transformer_impl in ("auto", "transformer_engine", "local"),
+             f"model.transformer_impl={m.transformer_impl!r} must be auto, transformer_engine or local")
+    _require(m.fp8 in (None, "e4m3", "hybrid"), f"model.fp8={m.fp8!r} must be null, e4m3 or hybrid")
+    _require(m.fp8_recipe in ("delayed", "tensorwise", "blockwise"),
+             f"model.fp8_recipe={m.fp8_recipe!r} must be delayed, tensorwise or blockwise")
+    _require(m.moe_token_dispatcher_type in ("alltoall", "allgather"),
+             f"model.moe_token_dispatcher_type={m.moe_token_dispatcher_type!r} must be alltoall or allgather")
+
+
+def validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:
+    for key in ("tensor", "pipeline", "context", "expert", "expert_tensor"):
+        _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    _require(m.num_attention_heads % p.tensor == 0,
+             f"model.num_attention_heads={m.num_attention_heads} must be divisible by parallel.tensor={p.tensor}")
+    _require(m.num_query_groups % p.tensor == 0,
+             f"model.num_query_groups={m.num_query_groups} must be divisible by parallel.tensor={p.tensor}")
+    _require(m.vocab % p.tensor == 0,
+             f"model.vocab={m.vocab} must be divisible by parallel.tensor={p.tensor}")
+    _require(m.num_experts % p.expert == 0,
+             f"model.num_experts={m.num_experts} must be divisible by parallel.expert={p.expert}")
+    chunks = p.pipeline * (p.virtual_pipeline or 1)
+    _require(m.num_layers % chunks == 0,
+             f"model.num_layers={m.num_layers} must be divisible by parallel.pipeline x "
+             f"parallel.virtual_pipeline={chunks}")
+    if p.virtual_pipeline is not None:
+        _require(p.pipeline > 1, "parallel.virtual_pipeline needs parallel.pipeline > 1")
+    if p.sequence_parallel:
+        _require(p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
+    if p.world_size is not None:
+        model_parallel = p.tensor * p.pipeline * p.context
+        _require(p.world_size % model_parallel == 0,
+                 f"parallel.world_size={p.world_size} must be divisible by parallel.tensor x parallel.pipeline "
+                 f"x parallel.context={model_parallel}")
+        expert_parallel = p.expert * p.expert_tensor * p.pipeline
+        _require(p.world_size % expert_parallel == 0,
+                 f"parallel.world_size={p.world_size} must be divisible by parallel.expert x "
+                 f"parallel.expert_tensor x parallel.pipeline={expert_parallel}")
+
+
+def validate(cfg: Config) -> None:
+    validate_model(cfg.model)
+    validate_parallel(cfg.model, cfg.parallel)
+    d = cfg.data
+    _require(d.seq_length % d.block_size == 0,
+             f"data.seq_length={d.seq_length} must be a multiple of data.block_size={d.block_size}")
+    _require(d.global_batch_size % d.micro_batch_size == 0,
+             f"data.global_batch_size={d.global_batch_size} must be divisible by "
+             f"data.micro_batch_size={d.micro_batch_size}")
+    s = cfg.schedule
+    _require(0.0 <= s.mask_ratio_min <= s.mask_ratio_max <= 1.0,
+             f"schedule.mask_ratio_min={s.mask_ratio_min} / mask_ratio_max={s.mask_ratio_max} must satisfy "
+             f"0 <= min <= max <= 1")
+    _require(s.decay_style in ("constant", "linear", "cosine"),
+             f"schedule.decay_style={s.decay_style!r} must be constant, linear or cosine")
+
+
+def validate_world_size(cfg: Config, world_size: int) -> None:
+    """Check the layout against the actual number of ranks (called at launch)."""
+    p = dataclasses.replace(cfg.parallel, world_size=world_size)
+    validate_parallel(cfg.model, p)
+    _require(cfg.data.global_batch_size % (cfg.data.micro_batch_size * data_parallel_size(p)) == 0,
+             f"data.global_batch_size={cfg.data.global_batch_size} must be divisible by data.micro_batch_size x "
+             f"data-parallel size={cfg.data.micro_batch_size * data_parallel_size(p)}")
+
+
+def data_parallel_size(p: ParallelConfig) -> int:
+    world = p.world_size or 1
+    return world // (p.tensor * p.pipeline * p.context)

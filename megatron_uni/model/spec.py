@@ -1,0 +1,36 @@
+"""The LLaDA2.0-Uni layer spec: megatron-core's GPT decoder spec, made bidirectional.
+
+We take megatron-core's own block spec (TE or local layers) and change only what differs:
+self-attention gets ``AttnMaskType.arbitrary`` (the block-diffusion mask is always passed
+explicitly; no causal default), and the core attention can be swapped for another module
+(the block-diffusion attention). Layer 0 is dense and the others MoE through
+``moe_layer_freq``, which megatron's spec already honours.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Union
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def decoder_block_spec(config: TransformerConfig, use_te: bool, vp_stage: Optional[int] = None,
+                       core_attention: Optional[Union[ModuleSpec, type]] = None) -> TransformerBlockSubmodules:
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
+                                       vp_stage=vp_stage)
+    # megatron's specs share one ModuleSpec object between layers; copy before editing.
+    block.layer_specs = [_bidirectional(copy.deepcopy(spec), core_attention) for spec in block.layer_specs]
+    return block
+
+
+def _bidirectional(layer: ModuleSpec, core_attention) -> ModuleSpec:
+    attention = layer.submodules.self_attention
+    attention.params = {**attention.params, "attn_mask_type": AttnMaskType.arbitrary}
+    if core_attention is not None:
+        attention.submodules.core_attention = core_attention
+    return layer
