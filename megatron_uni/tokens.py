@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+import re
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 NUM_IMAGE_CODES = 16384
 VOCAB_DIVISOR = 128  # Megatron's --make-vocab-size-divisible-by used by Ling / LLaDA2
@@ -34,6 +35,15 @@ SPECIAL_TOKEN_STRINGS: Dict[str, str] = {
     "role_assistant": "<role>ASSISTANT</role>",
 }
 SIZE_TOKEN_FORMAT = "<|reserved_token_{}|>"
+SIZE_TOKEN_PATTERN = re.compile(r"^<\|reserved_token_(\d+)\|>$")
+TOKENIZER_FILE = "tokenizer.json"
+# Optional file next to tokenizer.json overriding entries of SPECIAL_TOKEN_STRINGS, e.g.
+# {"mask": "<|mask|>"}: the mask string of the released tokenizer (id 156895) is not confirmed.
+SPECIAL_OVERRIDES_FILE = "special_tokens.json"
+
+
+class VocabularyError(ValueError):
+    """The tokenizer directory does not provide what the vocabulary layout needs."""
 
 
 def pad_vocab_size(size: int, tensor_parallel: int = 1, divisor: int = VOCAB_DIVISOR) -> int:
@@ -50,6 +60,10 @@ class Vocabulary:
     special_ids: Mapping[str, int]
     size_token_ids: Mapping[int, int]  # integer N -> id of <|reserved_token_N|>
     num_image_codes: int = NUM_IMAGE_CODES
+    # HF ``tokenizers.Tokenizer`` for text; None for synthetic vocabularies (no text encoding).
+    tokenizer: Any = dataclasses.field(default=None, compare=False, repr=False)
+    special_strings: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: dict(SPECIAL_TOKEN_STRINGS), compare=False)
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -130,6 +144,51 @@ class Vocabulary:
             raise ValueError(f"image block {grid_h}x{grid_w}: expected {grid_h * grid_w} codes then <|/image|>")
         return grid_h, grid_w, [self.image_code(t) for t in body[:-1]]
 
+    # ---- text ----------------------------------------------------------------------------------
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise RuntimeError("this Vocabulary has no text tokenizer (synthetic); build it with from_tokenizer_dir")
+        return self.tokenizer
+
+    def encode(self, text: str) -> List[int]:
+        """Text -> token ids, no BOS/EOS added. Special-token strings inside ``text`` become specials."""
+        return list(self._require_tokenizer().encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids -> text; image blocks are rendered as ``[image HxW]``."""
+        tokenizer = self._require_tokenizer()
+        pieces: List[str] = []
+        text_run: List[int] = []
+        ids = [int(i) for i in ids]
+        i = 0
+        while i < len(ids):
+            if ids[i] == self.special("image_start") and i + 3 < len(ids):
+                end = self._image_block_end(ids, i)
+                if end is not None:
+                    pieces.append(tokenizer.decode(text_run, skip_special_tokens=False))
+                    text_run = []
+                    grid_h, grid_w, _ = self.parse_image_block(ids[i:end])
+                    pieces.append(f"[image {grid_h}x{grid_w}]")
+                    i = end
+                    continue
+            if ids[i] >= self.text_size:
+                raise ValueError(f"token id {ids[i]} at position {i} is not a text token and not inside an image block")
+            text_run.append(ids[i])
+            i += 1
+        pieces.append(tokenizer.decode(text_run, skip_special_tokens=False))
+        return "".join(pieces)
+
+    def _image_block_end(self, ids: Sequence[int], start: int) -> Optional[int]:
+        """Index one past the ``<|/image|>`` of a well-formed block starting at ``start``, else None."""
+        try:
+            grid_h, grid_w = self.size_of_token(ids[start + 1]), self.size_of_token(ids[start + 2])
+        except ValueError:
+            return None
+        end = start + 4 + grid_h * grid_w + 1
+        if end > len(ids) or ids[start + 3] != self.special("boi") or ids[end - 1] != self.special("image_end"):
+            return None
+        return end
+
     # ---- description stored with checkpoints -------------------------------------------------
     def describe(self) -> dict:
         return {
@@ -138,6 +197,7 @@ class Vocabulary:
             "num_image_codes": self.num_image_codes,
             "size": self.size,
             "special_ids": dict(self.special_ids),
+            "special_strings": dict(self.special_strings),
         }
 
     # ---- constructors ------------------------------------------------------------------------
@@ -154,3 +214,77 @@ class Vocabulary:
         size_ids = {n: base + n for n in range(max_size_token + 1)}
         return cls(text_size=text_size, special_ids=special_ids, size_token_ids=size_ids,
                    num_image_codes=num_image_codes)
+
+    @classmethod
+    def from_tokenizer_dir(cls, path: str, text_size: Optional[int] = None,
+                           num_image_codes: int = NUM_IMAGE_CODES,
+                           special_strings: Optional[Mapping[str, str]] = None) -> "Vocabulary":
+        """Load ``path/tokenizer.json`` (local file only) and resolve every special token by string.
+
+        The string table is :data:`SPECIAL_TOKEN_STRINGS`, updated by ``path/special_tokens.json``
+        when present, then by ``special_strings``. ``text_size`` (the model's ``text_vocab``)
+        defaults to the tokenizer size and may exceed it (the released model pads text rows).
+        """
+        from tokenizers import Tokenizer  # local import: tests of synthetic vocabularies skip it
+
+        tokenizer_file = os.path.join(path, TOKENIZER_FILE)
+        if not os.path.isfile(tokenizer_file):
+            raise FileNotFoundError(f"no {TOKENIZER_FILE} in tokenizer directory {path!r}")
+        strings = resolve_special_strings(path, special_strings)
+        tokenizer = Tokenizer.from_file(tokenizer_file)
+        special_ids = _resolve_specials(tokenizer, strings, tokenizer_file)
+        size_ids = _size_tokens(tokenizer, tokenizer_file)
+        tokenizer_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        text_size = tokenizer_size if text_size is None else int(text_size)
+        highest = max(tokenizer.get_vocab(with_added_tokens=True).values())
+        if highest >= text_size:
+            raise VocabularyError(
+                f"{tokenizer_file}: token id {highest} does not fit the text vocabulary of size {text_size}")
+        return cls(text_size=text_size, special_ids=special_ids, size_token_ids=size_ids,
+                   num_image_codes=num_image_codes, tokenizer=tokenizer, special_strings=strings)
+
+
+def resolve_special_strings(path: Optional[str], overrides: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """Default special strings, then ``path/special_tokens.json``, then ``overrides``."""
+    strings = dict(SPECIAL_TOKEN_STRINGS)
+    override_file = os.path.join(path, SPECIAL_OVERRIDES_FILE) if path else None
+    if override_file and os.path.isfile(override_file):
+        with open(override_file) as f:
+            strings.update(_checked_overrides(json.load(f), override_file))
+    if overrides:
+        strings.update(_checked_overrides(dict(overrides), "special_strings argument"))
+    return strings
+
+
+def _checked_overrides(raw: Any, source: str) -> Dict[str, str]:
+    if not isinstance(raw, dict):
+        raise VocabularyError(f"{source}: expected a JSON object name -> token string")
+    unknown = sorted(set(raw) - set(SPECIAL_TOKEN_STRINGS))
+    if unknown:
+        raise VocabularyError(f"{source}: unknown special token names {unknown}; known: {sorted(SPECIAL_TOKEN_STRINGS)}")
+    bad = sorted(k for k, v in raw.items() if not isinstance(v, str) or not v)
+    if bad:
+        raise VocabularyError(f"{source}: token strings must be non-empty strings, bad entries: {bad}")
+    return raw
+
+
+def _resolve_specials(tokenizer: Any, strings: Mapping[str, str], source: str) -> Dict[str, int]:
+    """Name -> id, looking each string up as ONE token; one error lists every missing string."""
+    ids = {name: tokenizer.token_to_id(string) for name, string in strings.items()}
+    missing = [f"{name}={strings[name]!r}" for name, tid in ids.items() if tid is None]
+    if missing:
+        raise VocabularyError(
+            f"{source}: special tokens missing from the tokenizer: {', '.join(missing)} "
+            f"(override the strings in {SPECIAL_OVERRIDES_FILE} next to {TOKENIZER_FILE})")
+    return ids
+
+
+def _size_tokens(tokenizer: Any, source: str) -> Dict[int, int]:
+    sizes = {}
+    for string, tid in tokenizer.get_vocab(with_added_tokens=True).items():
+        match = SIZE_TOKEN_PATTERN.match(string)
+        if match:
+            sizes[int(match.group(1))] = tid
+    if not sizes:
+        raise VocabularyError(f"{source}: no size tokens {SIZE_TOKEN_FORMAT.format('N')} in the tokenizer")
+    return sizes
