@@ -1,0 +1,271 @@
+"""The offline tokenization job: images -> VQ codes in an ``ImageCodeStore``, distributed with MPI.
+
+The manifest is cut into chunks of ``shard_size`` consecutive images; chunk i becomes shard i and is
+done by rank i % world_size. Shard contents therefore do not depend on the number of ranks, a finished
+shard is skipped on a rerun (resume), and a killed run leaves no partial shard (atomic writes).
+After a barrier rank 0 merges the index and the bad-image report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from megatron_uni.data import image_codes as store
+from megatron_uni.data import images as rules
+from megatron_uni.vq.config import VQConfig
+from megatron_uni.vq.decoding import BadImage, ImageItem, Probed, make_decoder, probe
+from megatron_uni.vq.encoder import SigLIPVQ, build_seeded
+from megatron_uni.vq.weights import load_encoder
+
+# Test hook: a process exits abruptly (like a killed job) after encoding this many images.
+EXIT_AFTER_ENV = "MEGATRON_UNI_TOKENIZE_EXIT_AFTER"
+KILLED_EXIT_CODE = 75
+
+
+@dataclasses.dataclass
+class JobSpec:
+    inputs: List[str]
+    output: str
+    mode: str = "understanding"
+    generation_target: Optional[int] = None
+    multi_image: bool = False
+    min_side: int = 32
+    shard_size: int = 256
+    batch_size: int = 16
+    decoder: str = "auto"
+    device: str = "auto"
+    encoder_dir: Optional[str] = None
+    tiny: bool = False
+    tiny_seed: int = 0
+    tiny_codes: int = 256
+    threads: Optional[int] = None
+    progress: bool = True
+
+
+# ---- communicator -----------------------------------------------------------------------------------
+class SingleProcess:
+    rank, size = 0, 1
+
+    def barrier(self):
+        return None
+
+    def bcast(self, value, root=0):
+        return value
+
+
+_MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+def get_communicator():
+    """MPI.COMM_WORLD under mpirun/srun; a single-process stand-in when not launched by MPI."""
+    launched = any(int(os.environ.get(v, "1")) > 1 for v in _MPI_SIZE_VARS) or \
+        int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as error:
+        if launched:
+            raise RuntimeError(f"launched with several ranks but mpi4py is unusable: {error} "
+                               "(pip install mpi4py mpich)") from None
+        return SingleProcess()
+    return MPI.COMM_WORLD
+
+
+def local_rank(comm) -> int:
+    for name in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return comm.rank
+
+
+# ---- job parameters -----------------------------------------------------------------------------------
+def describe_encoder(spec: JobSpec, cfg: VQConfig) -> dict:
+    if spec.tiny:
+        return {"kind": "tiny", "seed": spec.tiny_seed, "config": cfg.to_hf_dict()}
+    return {"kind": "hf", "name": os.path.basename(os.path.normpath(spec.encoder_dir)), "config": cfg.to_hf_dict()}
+
+
+def job_meta(spec: JobSpec, items: Sequence[ImageItem], encoder: dict) -> dict:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(f"{item.key}\0{item.origin}\n".encode())
+    return {"inputs_sha256": digest.hexdigest(), "num_inputs": len(items), "mode": spec.mode,
+            "generation_target": spec.generation_target, "multi_image": spec.multi_image,
+            "min_side": spec.min_side, "shard_size": spec.shard_size, "encoder": encoder}
+
+
+def claim_output(directory: str, meta: dict) -> None:
+    """Write job.json, or check that an existing one describes the same job (resume)."""
+    path = os.path.join(directory, store.JOB_FILE)
+    if os.path.isfile(path):
+        with open(path) as handle:
+            previous = json.load(handle)
+        changed = sorted(k for k in set(meta) | set(previous) if meta.get(k) != previous.get(k))
+        if changed:
+            raise ValueError(f"{directory} holds a different tokenization job (differs in {changed}); "
+                             "use a fresh output directory")
+        return
+    store.atomic_write_json(path, meta)
+
+
+# ---- encoding -----------------------------------------------------------------------------------------
+def pick_device(spec: JobSpec, comm) -> torch.device:
+    wants_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
+    if not wants_cuda:
+        return torch.device("cpu")
+    index = local_rank(comm) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def build_encoder(spec: JobSpec, device: torch.device) -> SigLIPVQ:
+    dtype = torch.bfloat16 if device.type == "cuda" and not spec.tiny else torch.float32
+    if spec.tiny:
+        return build_seeded(VQConfig.tiny(spec.tiny_codes), spec.tiny_seed).to(device)
+    if not spec.encoder_dir:
+        raise ValueError("give --encoder IMAGE_TOKENIZER_DIR (HF image_tokenizer/ layout) or --tiny")
+    return load_encoder(spec.encoder_dir, device=str(device), dtype=dtype)
+
+
+def encode_arrays(model: SigLIPVQ, arrays: Sequence[np.ndarray], batch_size: int,
+                  device: torch.device) -> List[np.ndarray]:
+    """uint8 [h, w, 3] arrays -> code grids [h/16, w/16]; images of one size are batched together."""
+    by_shape: Dict[Tuple[int, ...], List[int]] = {}
+    for position, array in enumerate(arrays):
+        by_shape.setdefault(array.shape, []).append(position)
+    codes: List[Optional[np.ndarray]] = [None] * len(arrays)
+    dtype = next(model.parameters()).dtype
+    for positions in by_shape.values():
+        for start in range(0, len(positions), batch_size):
+            group = positions[start:start + batch_size]
+            pixels = torch.stack([rules.normalize(arrays[p]) for p in group]).to(device=device, dtype=dtype)
+            for position, grid in zip(group, model.encode(pixels).cpu().numpy()):
+                codes[position] = grid
+    return codes
+
+
+class KillSwitch:
+    """Counts encoded images and exits the process abruptly once the test-hook budget is spent."""
+
+    def __init__(self):
+        value = os.environ.get(EXIT_AFTER_ENV)
+        self.remaining = int(value) if value else None
+
+    def spend(self, count: int) -> None:
+        if self.remaining is None:
+            return
+        self.remaining -= count
+        if self.remaining <= 0:
+            sys.stdout.flush()
+            os._exit(KILLED_EXIT_CODE)
+
+
+def tokenize_chunk(chunk: Sequence[ImageItem], spec: JobSpec, resolve, decoder, model, device,
+                   kill: KillSwitch):
+    """Probe, decode and encode one chunk; returns (entries, bad records) in manifest order."""
+    outcomes: List[Union[Probed, BadImage, np.ndarray]] = [probe(item, resolve, spec.min_side) for item in chunk]
+    good = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, Probed)]
+    for start in range(0, len(good), spec.batch_size):
+        batch = good[start:start + spec.batch_size]
+        decoded = decoder.decode([outcomes[i] for i in batch])
+        pixels = [(i, d) for i, d in zip(batch, decoded) if not isinstance(d, BadImage)]
+        for i, d in zip(batch, decoded):
+            if isinstance(d, BadImage):
+                outcomes[i] = d
+        grids = encode_arrays(model, [d for _, d in pixels], spec.batch_size, device)
+        for (i, _), grid in zip(pixels, grids):
+            outcomes[i] = grid
+        kill.spend(len(pixels))
+    entries = [(item.key, int(o.shape[0]), int(o.shape[1]), o) for item, o in zip(chunk, outcomes)
+               if isinstance(o, np.ndarray)]
+    bad = [o.record() for o in outcomes if isinstance(o, BadImage)]
+    return entries, bad
+
+
+def make_resolver(spec: JobSpec):
+    rules.target_size(spec.mode, 512, 512, spec.generation_target, spec.multi_image)  # fail fast on bad options
+    return lambda height, width: rules.target_size(spec.mode, height, width, spec.generation_target,
+                                                   spec.multi_image)
+
+
+# ---- driver -------------------------------------------------------------------------------------------
+def run_job(spec: JobSpec, comm=None) -> dict:
+    comm = comm or get_communicator()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    items = read_items(spec)
+    chunks = [items[i:i + spec.shard_size] for i in range(0, len(items), spec.shard_size)]
+    resolve = make_resolver(spec)
+    device = pick_device(spec, comm)
+    model = build_encoder(spec, device)
+    meta = job_meta(spec, items, describe_encoder(spec, model.config))
+    _on_rank0_then_share(comm, lambda: claim_output(spec.output, meta))
+
+    mine = [i for i in range(len(chunks)) if i % comm.size == comm.rank]
+    todo = [i for i in mine if not os.path.isfile(store.shard_path(spec.output, i))]
+    decoder = make_decoder(spec.decoder, spec.batch_size, device.type == "cuda",
+                           device_id=device.index or 0)
+    counts = _process(todo, chunks, spec, resolve, decoder, model, device, comm)
+    counts.update(rank=comm.rank, shards_skipped=len(mine) - len(todo), decoder=decoder.name)
+    comm.barrier()
+    summary = _on_rank0_then_share(comm, lambda: _finish(spec.output, len(chunks), meta))
+    return {**summary, "rank": counts}
+
+
+def read_items(spec: JobSpec) -> List[ImageItem]:
+    from megatron_uni.vq.manifest import read_inputs
+
+    if spec.shard_size < 1 or spec.batch_size < 1:
+        raise ValueError(f"shard_size and batch_size must be >= 1, got {spec.shard_size}, {spec.batch_size}")
+    return read_inputs(spec.inputs)
+
+
+def _process(todo, chunks, spec, resolve, decoder, model, device, comm) -> dict:
+    from tqdm import tqdm
+
+    kill = KillSwitch()
+    total = sum(len(chunks[i]) for i in todo)
+    started, encoded, bad_count = time.time(), 0, 0
+    with tqdm(total=total, unit="img", desc=f"rank {comm.rank}", position=comm.rank,
+              disable=not spec.progress or comm.rank != 0, dynamic_ncols=True) as bar:
+        for index in todo:
+            entries, bad = tokenize_chunk(chunks[index], spec, resolve, decoder, model, device, kill)
+            store.write_shard(store.shard_path(spec.output, index), entries, bad)
+            encoded, bad_count = encoded + len(entries), bad_count + len(bad)
+            bar.update(len(chunks[index]))
+    elapsed = max(time.time() - started, 1e-9)
+    return {"shards_written": len(todo), "images_encoded": encoded, "images_bad": bad_count,
+            "images_per_s": encoded / elapsed}
+
+
+def _finish(directory: str, num_shards: int, meta: dict) -> dict:
+    missing = [store.shard_name(i) for i in range(num_shards) if not os.path.isfile(store.shard_path(directory, i))]
+    if missing:
+        raise RuntimeError(f"{directory}: shard(s) {missing[:5]} missing after all ranks finished")
+    index = store.merge_index(directory, range(num_shards), meta)
+    with open(os.path.join(directory, store.REPORT_FILE)) as handle:
+        report = json.load(handle)
+    return {"num_images": index["num_images"], "num_shards": num_shards, "num_bad": report["num_bad"],
+            "bad_counts": report["counts"]}
+
+
+def _on_rank0_then_share(comm, action):
+    """Run ``action`` on rank 0 and give every rank its result, or raise its error on every rank."""
+    outcome = None
+    if comm.rank == 0:
+        try:
+            outcome = ("ok", action())
+        except Exception as error:  # re-raised below on all ranks so none waits forever
+            outcome = ("error", f"{type(error).__name__}: {error}")
+    outcome = comm.bcast(outcome, root=0)
+    if outcome[0] == "error":
+        raise RuntimeError(outcome[1])
+    return outcome[1]
