@@ -1,0 +1,132 @@
+"""The diffusion step: a ``Batch`` becomes model inputs of the BDLM layout.
+
+``build_inputs`` noises the batch, lays out ``[noisy | clean]`` (2L) or its prefix-aware
+compaction, and returns :class:`DiffusionInputs`: ``input_ids``, ``position_ids``,
+``labels`` (clean ids on masked noisy positions, ``IGNORE_INDEX`` elsewhere; no shift),
+per-token ``loss_weights``, the per-micro-batch ``normalizer`` of the loss, ``modality`` for
+the text/image split, and the :class:`AttentionLayout` from which masks are built.
+
+Loss weighting (``weighting``), with N_d the masked and M_d the maskable tokens of document d:
+
+* ``mean``        -- weight 1, normaliser sum N_d (dFactory: mean over masked tokens);
+* ``elbo``        -- weight 1/t, normaliser sum M_d (the ELBO; E[sum 1/t] over masks = M_d);
+* ``sqrt_masked`` -- weight 1/sqrt(N_d), normaliser sum sqrt(N_d) (SFT reweighting of
+  variable-length samples: a weighted mean in which each document counts sqrt(N_d)).
+
+The loss is sum(weight * CE) / normaliser with both terms summed over micro-batches and DP
+ranks before dividing (``losses.py``), i.e. a global normalisation, not a mean of means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_SPECIAL, Batch
+from megatron_uni.diffusion.layout import FILLER_DOC, AttentionLayout, compact_rows, full_layout, kept_positions
+from megatron_uni.diffusion.masks import FLEX_TILE, dense_mask
+from megatron_uni.diffusion.noising import NoiseConfig, noise_batch
+from megatron_uni.tokens import Vocabulary
+
+WEIGHTINGS = ("mean", "elbo", "sqrt_masked")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    block_size: int = 32
+    noise: NoiseConfig = NoiseConfig()
+    weighting: str = "mean"
+    prefix_aware: bool = False
+    # compacted rows are padded to a multiple of this (FlexAttention tiles are 128)
+    pad_multiple: int = FLEX_TILE
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"DiffusionConfig.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.block_size < 1 or self.pad_multiple < 1:
+            raise ValueError(f"DiffusionConfig: block_size ({self.block_size}) and pad_multiple "
+                             f"({self.pad_multiple}) must be >= 1")
+
+
+@dataclasses.dataclass
+class DiffusionInputs:
+    input_ids: torch.Tensor     # [b, S] int64
+    position_ids: torch.Tensor  # [b, S] int64
+    labels: torch.Tensor        # [b, S] int64, IGNORE_INDEX where no loss
+    loss_weights: torch.Tensor  # [b, S] float, 0 where no loss
+    modality: torch.Tensor      # [b, S] int8
+    layout: AttentionLayout
+    normalizer: torch.Tensor    # scalar float: this micro-batch's share of the loss denominator
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """Layout descriptor ``[b, 3, S]`` for the block attention (see ``layout.py``)."""
+        return self.layout.descriptor()
+
+    def dense_attention_mask(self) -> torch.Tensor:
+        """Bool ``[b, 1, S, S]`` (True = masked out) for megatron's stock attention modules."""
+        return dense_mask(self.layout)
+
+    @property
+    def model_labels(self) -> torch.Tensor:
+        """Labels with ignored positions set to 0: megatron's CE needs in-range ids; weights are 0 there."""
+        return self.labels.clamp_min(0)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def per_document_sum(values: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """``[b, L]`` sum of ``values`` over each position's document, broadcast back to positions."""
+    slot = (doc_ids.long() + 1)  # doc -1 (padding) -> slot 0
+    sums = torch.zeros(values.shape[0], int(slot.max().item()) + 1, dtype=values.dtype, device=values.device)
+    sums.scatter_add_(1, slot, values)
+    return sums.gather(1, slot)
+
+
+def token_weights(weighting: str, masked: torch.Tensor, maskable: torch.Tensor, ratio: torch.Tensor,
+                  doc_ids: torch.Tensor):
+    """Per-token loss weights ``[b, L]`` and the scalar normaliser (see the module docstring)."""
+    masked_f = masked.float()
+    if weighting == "mean":
+        return masked_f, masked_f.sum()
+    if weighting == "elbo":
+        return masked_f / ratio, maskable.float().sum()
+    num_masked = per_document_sum(masked_f, doc_ids)
+    weights = torch.where(masked, num_masked.clamp_min(1.0).rsqrt(), torch.zeros_like(masked_f))
+    # sum over tokens of 1/sqrt(N_d) over the N_d masked tokens of d = sum_d sqrt(N_d)
+    return weights, weights.sum()
+
+
+def build_inputs(batch: Batch, vocab: Vocabulary, cfg: DiffusionConfig,
+                 generator: Optional[torch.Generator] = None) -> DiffusionInputs:
+    noised = noise_batch(batch, vocab, cfg.noise, cfg.block_size, generator)
+    clean = noised.batch
+    weights, normalizer = token_weights(cfg.weighting, noised.masked, clean.maskable, noised.ratio, clean.doc_ids)
+    labels = torch.where(noised.masked, clean.tokens, torch.full_like(clean.tokens, IGNORE_INDEX))
+    layout = full_layout(clean.doc_ids, cfg.block_size)
+    rows = {
+        "input_ids": (torch.cat([noised.noisy_tokens, clean.tokens], 1), vocab.pad_id),
+        "position_ids": (torch.cat([clean.position_ids, clean.position_ids], 1), 0),
+        "labels": (torch.cat([labels, torch.full_like(labels, IGNORE_INDEX)], 1), IGNORE_INDEX),
+        "loss_weights": (torch.cat([weights, torch.zeros_like(weights)], 1), 0.0),
+        "modality": (torch.cat([clean.modality, clean.modality], 1), MODALITY_SPECIAL),
+        "doc": (layout.doc, FILLER_DOC),
+        "block": (layout.block, -1),
+        "clean": (layout.clean, False),
+    }
+    if cfg.prefix_aware:
+        keep = kept_positions(layout, rows["labels"][0] != IGNORE_INDEX)
+        compacted, _ = compact_rows(keep, *rows.values(), multiple=cfg.pad_multiple)
+        values = dict(zip(rows, compacted))
+    else:
+        values = {name: tensor for name, (tensor, _) in rows.items()}
+    return DiffusionInputs(
+        input_ids=values["input_ids"], position_ids=values["position_ids"], labels=values["labels"],
+        loss_weights=values["loss_weights"], modality=values["modality"],
+        layout=AttentionLayout(doc=values["doc"], block=values["block"], clean=values["clean"]),
+        normalizer=normalizer,
+    )

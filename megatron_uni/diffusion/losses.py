@@ -1,0 +1,164 @@
+"""Masked-diffusion losses as *sums* so that normalisation is global.
+
+Megatron's ``GPTModel(..., labels=...)`` returns the vocab-parallel cross-entropy per token
+``[b, S]`` (already reduced over TP); it exists only on the last pipeline stage. The loss of a
+step is ``sum(weight * CE) / sum(normaliser)`` with both sums over every micro-batch and DP
+rank: :func:`loss_sums` gives one micro-batch's sums, :func:`all_reduce_sums` adds them over a
+process group, :func:`combine` divides. With megatron's schedule use
+``calculate_per_token_loss=True`` and return ``(sums.loss, sums.normalizer, ...)`` from the
+loss function: megatron then divides gradients by the global normaliser itself.
+
+Also here: the CAP confidence term (entropy at masked positions the model already gets right,
+vocab-parallel aware) and the mask-embedding Gaussian noise hook (LLaDA2 stability fix).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_IMAGE, MODALITY_TEXT
+from megatron_uni.diffusion.inputs import DiffusionInputs
+
+SUM_FIELDS = ("loss", "normalizer", "text_loss", "text_weight", "image_loss", "image_weight",
+              "confidence", "confidence_count")
+
+
+@dataclasses.dataclass
+class LossSums:
+    """Additive loss statistics of some tokens; every field a scalar tensor."""
+
+    loss: torch.Tensor              # sum of weight * CE
+    normalizer: torch.Tensor        # denominator share (DiffusionInputs.normalizer)
+    text_loss: torch.Tensor         # sum of weight * CE over text targets
+    text_weight: torch.Tensor       # sum of weight over text targets
+    image_loss: torch.Tensor
+    image_weight: torch.Tensor
+    confidence: torch.Tensor        # sum of CAP entropies
+    confidence_count: torch.Tensor  # positions contributing to it
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack([getattr(self, f).float() for f in SUM_FIELDS])
+
+    @classmethod
+    def from_stacked(cls, values: torch.Tensor) -> "LossSums":
+        return cls(**{f: values[i] for i, f in enumerate(SUM_FIELDS)})
+
+
+def loss_sums(per_token_ce: torch.Tensor, inputs: DiffusionInputs,
+              confidence: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> LossSums:
+    """Sums of one micro-batch from the per-token CE ``[b, S]`` and optional CAP
+    ``(entropy, counted)`` from :func:`confidence_entropy`."""
+    if per_token_ce.shape != inputs.loss_weights.shape:
+        raise ValueError(f"per-token loss has shape {tuple(per_token_ce.shape)}, "
+                         f"expected {tuple(inputs.loss_weights.shape)} (the DiffusionInputs rows)")
+    weighted = per_token_ce.float() * inputs.loss_weights
+    text = inputs.modality == MODALITY_TEXT
+    image = inputs.modality == MODALITY_IMAGE
+    zero = weighted.new_zeros(())
+    if confidence is None:
+        conf_sum, conf_count = zero, zero
+    else:
+        entropy, counted = confidence
+        conf_sum, conf_count = entropy.float().sum(), counted.float().sum()
+    return LossSums(
+        loss=weighted.sum(), normalizer=inputs.normalizer.float().to(weighted.device),
+        text_loss=(weighted * text).sum(), text_weight=(inputs.loss_weights * text).sum(),
+        image_loss=(weighted * image).sum(), image_weight=(inputs.loss_weights * image).sum(),
+        confidence=conf_sum, confidence_count=conf_count,
+    )
+
+
+def add_sums(a: LossSums, b: LossSums) -> LossSums:
+    return LossSums.from_stacked(a.stacked() + b.stacked())
+
+
+def all_reduce_sums(sums: LossSums, group=None) -> LossSums:
+    """Sum the statistics over ``group`` (e.g. the DP group) with torch.distributed (no grad)."""
+    values = sums.stacked().detach().clone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values, group=group)
+    return LossSums.from_stacked(values)
+
+
+def combine(sums: LossSums, confidence_beta: float = 0.0) -> dict:
+    """Global loss and the reported split from summed statistics."""
+    def ratio(num, den):
+        return num / den.clamp_min(1e-12)
+
+    loss = ratio(sums.loss, sums.normalizer)
+    confidence = ratio(sums.confidence, sums.confidence_count)
+    return {
+        "loss": loss + confidence_beta * confidence,
+        "diffusion_loss": loss,
+        "text_loss": ratio(sums.text_loss, sums.text_weight),
+        "image_loss": ratio(sums.image_loss, sums.image_weight),
+        "confidence_loss": confidence,
+    }
+
+
+def _tp_sum(value: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce over the TP group in forward, identity in backward (the loss is replicated)."""
+    if group is None or torch.distributed.get_world_size(group) == 1:
+        return value
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    return reduce_from_tensor_model_parallel_region(value, group=group)
+
+
+def confidence_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int = 0,
+                       tp_group=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CAP term per token: ``(entropy, counted)`` ``[b, S]``, entropy kept only where the
+    argmax equals the label (``counted``), else 0.
+
+    ``logits`` ``[b, S, V_local]`` hold vocabulary rows ``vocab_start .. vocab_start+V_local`` of
+    this TP rank; the softmax statistics are summed over ``tp_group``. The argmax test is
+    "the label's logit equals the global maximum". Ignored labels give 0.
+    """
+    logits = logits.float()
+    local_max = logits.max(-1).values.detach()
+    global_max = local_max
+    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
+        global_max = local_max.clone()
+        torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+    shifted = logits - global_max.unsqueeze(-1)
+    exp = shifted.exp()
+    sum_exp = _tp_sum(exp.sum(-1), tp_group)
+    sum_exp_z = _tp_sum((exp * shifted).sum(-1), tp_group)
+    entropy = sum_exp.log() - sum_exp_z / sum_exp  # H = log Z - E_p[z]
+    local_label = labels - vocab_start
+    owned = (local_label >= 0) & (local_label < logits.shape[-1]) & (labels != IGNORE_INDEX)
+    label_logit = torch.where(owned, shifted.detach().gather(-1, local_label.clamp(0, logits.shape[-1] - 1)
+                                                             .unsqueeze(-1)).squeeze(-1), torch.zeros_like(global_max))
+    label_logit = label_logit.clone()
+    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
+        torch.distributed.all_reduce(label_logit, group=tp_group)
+    correct = (labels != IGNORE_INDEX) & (label_logit >= 0)
+    return torch.where(correct, entropy, torch.zeros_like(entropy)), correct
+
+
+def mask_embedding_noise_hook(mask_id: int, std: float, num_steps: int,
+                              current_step: Callable[[], int], sequence_parallel_rank: int = 0):
+    """Forward hook for ``model.embedding`` adding N(0, std^2) to embeddings of mask tokens.
+
+    Active while ``current_step() < num_steps`` (the LLaDA2 fix for a near-zero mask embedding
+    of an AR initialisation). Register with
+    ``model.embedding.register_forward_hook(hook, with_kwargs=True)``. Megatron's embedding
+    output is ``[s, b, h]``, scattered along s under sequence parallel: the full noise is drawn
+    from the default generator (identical on TP ranks) and this rank's slice taken.
+    """
+    def hook(module, args, kwargs, output):
+        if current_step() >= num_steps or std <= 0:
+            return output
+        input_ids = args[0] if args else kwargs["input_ids"]
+        is_mask = (input_ids == mask_id).transpose(0, 1).unsqueeze(-1)  # [s, b, 1]
+        full = torch.randn(is_mask.shape[0], is_mask.shape[1], output.shape[-1],
+                           device=output.device, dtype=output.dtype) * std
+        noise = torch.where(is_mask, full, torch.zeros_like(full))
+        local = output.shape[0]
+        noise = noise[sequence_parallel_rank * local:(sequence_parallel_rank + 1) * local]
+        return output + noise
+
+    return hook

@@ -1,0 +1,119 @@
+"""The block-diffusion attention mask: one rule, three implementations.
+
+Rule for query q and key k of the same row (``AttentionLayout`` attributes, ``layout.py``):
+they must be in the same document, and
+
+* noisy q -> noisy k: same block (bidirectional inside the block);
+* noisy q -> clean k: block(k) <  block(q) (strictly earlier clean blocks);
+* clean q -> clean k: block(k) <= block(q) (block-causal);
+* clean q -> noisy k: never.
+
+Implementations: :func:`pair_allowed` (brute force, the definition), :func:`dense_mask`
+(bool ``[b,1,S,S]``, True = masked out, megatron convention) and :func:`block_mask`
+(FlexAttention ``BlockMask``, cached). Every position may attend itself under this rule (a
+noisy position is in its own block; a clean one is block-causal), so no softmax row is empty.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Optional
+
+import torch
+
+from megatron_uni.diffusion.layout import AttentionLayout
+
+
+def _allowed(q_doc, q_block, q_clean, k_doc, k_block, k_clean):
+    """The rule on broadcastable tensors (or Python scalars); shared by all implementations."""
+    same_doc = q_doc == k_doc
+    noisy_noisy = (~q_clean) & (~k_clean) & (q_block == k_block)
+    noisy_clean = (~q_clean) & k_clean & (k_block < q_block)
+    clean_clean = q_clean & k_clean & (k_block <= q_block)
+    return same_doc & (noisy_noisy | noisy_clean | clean_clean)
+
+
+def pair_allowed(layout: AttentionLayout, b: int, q: int, k: int) -> bool:
+    """Brute-force definition for one (row, query, key) pair, written out case by case."""
+    if int(layout.doc[b, q]) != int(layout.doc[b, k]):
+        return False
+    q_block, k_block = int(layout.block[b, q]), int(layout.block[b, k])
+    q_clean, k_clean = bool(layout.clean[b, q]), bool(layout.clean[b, k])
+    if not q_clean and not k_clean:
+        return q_block == k_block
+    if not q_clean and k_clean:
+        return k_block < q_block
+    if q_clean and k_clean:
+        return k_block <= q_block
+    return False
+
+
+def allowed_rows(layout: AttentionLayout, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+    """Bool ``[b, 1, stop-start, S]``: True where query rows ``start:stop`` may attend the key."""
+    stop = layout.seq_length if stop is None else stop
+    q = lambda t: t[:, start:stop, None]  # noqa: E731  [b, q, 1]
+    k = lambda t: t[:, None, :]           # noqa: E731  [b, 1, S]
+    allowed = _allowed(q(layout.doc), q(layout.block), q(layout.clean),
+                       k(layout.doc), k(layout.block), k(layout.clean))
+    return allowed.unsqueeze(1)
+
+
+def dense_mask(layout: AttentionLayout) -> torch.Tensor:
+    """Bool ``[b, 1, S, S]``, True = masked out (the mask megatron's attention modules take)."""
+    return ~allowed_rows(layout)
+
+
+def mask_mod(layout: AttentionLayout):
+    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> allowed`` over the layout's tensors."""
+    doc, block, clean = layout.doc, layout.block, layout.clean
+
+    def allowed(b, h, q_idx, kv_idx):
+        return _allowed(doc[b, q_idx], block[b, q_idx], clean[b, q_idx],
+                        doc[b, kv_idx], block[b, kv_idx], clean[b, kv_idx])
+
+    return allowed
+
+
+# FlexAttention tile size; sequences are padded to it inside create_block_mask.
+FLEX_TILE = 128
+_CACHE_SIZE = 8
+
+
+class BlockMaskCache:
+    """``BlockMask`` per layout descriptor tensor, built once and reused by every layer.
+
+    The key is the descriptor tensor's storage pointer, shape and version counter; the cache
+    holds a reference to the tensor so that storage cannot be freed and reused by another
+    batch while the entry lives -- equal key therefore means equal content, with no device
+    sync to compare values. A few entries cover the micro-batches in flight under PP.
+    """
+
+    def __init__(self, size: int = _CACHE_SIZE):
+        self.size = size
+        self.entries: "collections.OrderedDict" = collections.OrderedDict()
+        self.builds = 0  # how many masks were built (tests assert reuse)
+
+    @staticmethod
+    def _key(descriptor: torch.Tensor):
+        return (descriptor.data_ptr(), tuple(descriptor.shape), descriptor._version, str(descriptor.device))
+
+    def get(self, descriptor: torch.Tensor):
+        key = self._key(descriptor)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key][1]
+        mask = block_mask(AttentionLayout.from_descriptor(descriptor))
+        self.builds += 1
+        self.entries[key] = (descriptor, mask)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return mask
+
+
+def block_mask(layout: AttentionLayout):
+    """FlexAttention ``BlockMask`` of the rule (heads broadcast: H=None)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    length = layout.seq_length
+    return create_block_mask(mask_mod(layout), layout.batch_size, None, length, length,
+                             device=layout.doc.device, BLOCK_SIZE=FLEX_TILE)
