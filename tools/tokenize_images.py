@@ -54,7 +54,8 @@ def parse_args(argv=None) -> JobSpec:
 
 def main(argv=None) -> int:
     result = run_job(parse_args(argv))
-    print(json.dumps(result, sort_keys=True))
+    if result["this_rank"] == 0:  # one summary line for the whole job, per-rank counts inside
+        print(json.dumps(result, sort_keys=True))
     return 0
 
 

@@ -105,7 +105,10 @@ def probe(item: ImageItem, resolve: Resolver, min_side: int) -> Union[Probed, Ba
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             image_format = image.format
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    except UnidentifiedImageError:
+        # PIL's message embeds a memory address; a fixed text keeps shards byte-identical across runs.
+        return BadImage(item.key, item.origin, "corrupt", "not a recognised image format")
+    except (OSError, ValueError, SyntaxError) as error:
         return BadImage(item.key, item.origin, "corrupt", f"{type(error).__name__}: {error}")
     if not _looks_complete(data, image_format):
         return BadImage(item.key, item.origin, "truncated", f"{image_format} stream has no end marker")

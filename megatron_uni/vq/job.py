@@ -61,6 +61,9 @@ class SingleProcess:
     def bcast(self, value, root=0):
         return value
 
+    def gather(self, value, root=0):
+        return [value]
+
 
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
@@ -215,9 +218,9 @@ def run_job(spec: JobSpec, comm=None) -> dict:
                            device_id=device.index or 0)
     counts = _process(todo, chunks, spec, resolve, decoder, model, device, comm)
     counts.update(rank=comm.rank, shards_skipped=len(mine) - len(todo), decoder=decoder.name)
-    comm.barrier()
+    every_rank = comm.gather(counts, root=0)  # also the barrier: all shards are written after it
     summary = _on_rank0_then_share(comm, lambda: _finish(spec.output, len(chunks), meta))
-    return {**summary, "rank": counts}
+    return {**summary, "this_rank": comm.rank, "ranks": every_rank if comm.rank == 0 else [counts]}
 
 
 def read_items(spec: JobSpec) -> List[ImageItem]:
