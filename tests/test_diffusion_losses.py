@@ -1,0 +1,96 @@
+"""Loss sums, global normalisation, text/image split, CAP term, mask-embedding noise."""
+
+import torch
+import torch.nn.functional as F
+
+from megatron_uni.data.batch import IGNORE_INDEX
+from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs
+from megatron_uni.diffusion.losses import (LossSums, add_sums, all_reduce_sums, combine, confidence_entropy,
+                                           loss_sums, mask_embedding_noise_hook)
+from megatron_uni.diffusion.noising import NoiseConfig
+from tests.diffusion_helpers import random_batch, tiny_vocab
+
+
+def _inputs(seed, weighting="mean"):
+    vocab = tiny_vocab()
+    batch = random_batch(torch.Generator().manual_seed(seed), 2, 64, 8, vocab)
+    cfg = DiffusionConfig(block_size=8, noise=NoiseConfig(0.3, 0.8), weighting=weighting)
+    return build_inputs(batch, vocab, cfg, torch.Generator().manual_seed(seed))
+
+
+def test_mean_loss_and_modality_split():
+    inputs = _inputs(0)
+    ce = torch.rand(inputs.loss_weights.shape, generator=torch.Generator().manual_seed(1))
+    out = combine(loss_sums(ce, inputs))
+    supervised = inputs.labels != IGNORE_INDEX
+    torch.testing.assert_close(out["loss"], ce[supervised].mean())
+    text = supervised & (inputs.modality == 0)
+    image = supervised & (inputs.modality == 1)
+    assert text.any() and image.any()
+    torch.testing.assert_close(out["text_loss"], ce[text].mean())
+    torch.testing.assert_close(out["image_loss"], ce[image].mean())
+
+
+def test_global_normalisation_is_not_a_mean_of_means():
+    a, b = _inputs(2), _inputs(3)
+    gen = torch.Generator().manual_seed(4)
+    ce_a, ce_b = torch.rand(a.loss_weights.shape, generator=gen), torch.rand(b.loss_weights.shape, generator=gen)
+    total = combine(add_sums(loss_sums(ce_a, a), loss_sums(ce_b, b)))["loss"]
+    all_ce = torch.cat([ce_a[a.labels != IGNORE_INDEX], ce_b[b.labels != IGNORE_INDEX]])
+    torch.testing.assert_close(total, all_ce.mean())
+    mean_of_means = (ce_a[a.labels != IGNORE_INDEX].mean() + ce_b[b.labels != IGNORE_INDEX].mean()) / 2
+    assert (total - mean_of_means).abs() > 1e-4
+    # no process group: all_reduce_sums is the identity
+    torch.testing.assert_close(all_reduce_sums(loss_sums(ce_a, a)).stacked(), loss_sums(ce_a, a).stacked())
+
+
+def test_sqrt_weighted_loss_value():
+    inputs = _inputs(5, "sqrt_masked")
+    ce = torch.rand(inputs.loss_weights.shape, generator=torch.Generator().manual_seed(6))
+    sums = loss_sums(ce, inputs)
+    torch.testing.assert_close(sums.loss, (ce * inputs.loss_weights).sum())
+    torch.testing.assert_close(combine(sums)["loss"], sums.loss / inputs.normalizer)
+
+
+def test_confidence_entropy_only_where_argmax_is_the_label():
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 5, 11, generator=gen)
+    labels = logits.argmax(-1)
+    labels[0, 1] = (labels[0, 1] + 1) % 11     # wrong prediction: excluded
+    labels[1, 2] = IGNORE_INDEX                 # ignored: excluded
+    entropy, counted = confidence_entropy(logits, labels)
+    expected = -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1)
+    want = torch.ones(2, 5, dtype=torch.bool)
+    want[0, 1] = want[1, 2] = False
+    assert torch.equal(counted, want)
+    torch.testing.assert_close(entropy[want], expected[want])
+    assert (entropy[~want] == 0).all()
+    # vocab-sharded call on one shard covering everything gives the same
+    sharded, _ = confidence_entropy(logits, labels, vocab_start=0, tp_group=None)
+    torch.testing.assert_close(sharded, entropy)
+
+
+def test_confidence_term_enters_the_loss():
+    sums = LossSums(*[torch.tensor(v) for v in (6.0, 3.0, 0.0, 0.0, 0.0, 0.0, 4.0, 2.0)])
+    out = combine(sums, confidence_beta=2.0)
+    assert out["loss"].item() == 2.0 + 2.0 * 2.0
+
+
+def test_mask_embedding_noise_hook_adds_noise_to_mask_tokens_only_while_active():
+    vocab = tiny_vocab()
+    embedding = torch.nn.Embedding(vocab.size, 4)
+
+    class Wrapper(torch.nn.Module):  # megatron's embedding returns [s, b, h]
+        def forward(self, input_ids, position_ids=None):
+            return embedding(input_ids).transpose(0, 1)
+
+    module = Wrapper()
+    step = [0]
+    module.register_forward_hook(mask_embedding_noise_hook(vocab.mask_id, 0.5, 2, lambda: step[0]), with_kwargs=True)
+    ids = torch.tensor([[1, vocab.mask_id, 3, vocab.mask_id]])
+    clean = embedding(ids).transpose(0, 1)
+    noisy = module(ids)
+    diff = (noisy - clean).abs().sum(-1)[:, 0]
+    assert (diff[[0, 2]] == 0).all() and (diff[[1, 3]] > 0).all()
+    step[0] = 2
+    torch.testing.assert_close(module(input_ids=ids), clean)
