@@ -189,3 +189,22 @@ def test_manifest_errors_name_file_line_and_field(images, tmp_path):
     manifest.write_text('{"image": "a.jpg"}\nnot json\n')
     with pytest.raises(ValueError, match=r"broken.jsonl:2: not valid JSON"):
         run_job(spec_for(images, tmp_path / "x", inputs=[str(manifest)]), comm=SingleProcess())
+
+
+def test_demo_images_directory_with_stem_keys_covers_every_demo_key(tmp_path):
+    from megatron_uni.data.demo import JsonImageCodes, make_demo_data
+
+    demo = tmp_path / "demo"
+    make_demo_data(str(demo), num_scenes=6, num_paragraphs=4)
+    summary = run_job(JobSpec(inputs=[str(demo / "images")], output=str(tmp_path / "codes"), tiny=True,
+                              key_style="stem", shard_size=4, decoder="pil", device="cpu", progress=False),
+                      comm=SingleProcess())
+    fallback = JsonImageCodes(str(demo / "image_codes.json"))
+    codes = store.ImageCodeStore(str(tmp_path / "codes"))
+    with open(demo / "image_codes.json") as handle:
+        demo_keys = sorted(json.load(handle))
+    assert summary["num_bad"] == 0 and sorted(codes.keys()) == demo_keys
+    for key in codes.keys():
+        grid_h, grid_w, values = codes.get(key)
+        assert (grid_h, grid_w) == fallback.get(key)[:2] == (8, 8)  # 128-px demo images, 16-px patches
+        assert values.min() >= 0 and values.max() < 256

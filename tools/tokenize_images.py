@@ -22,7 +22,10 @@ from megatron_uni.vq.job import JobSpec, run_job  # noqa: E402
 def parse_args(argv=None) -> JobSpec:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True,
-                        help="JSONL manifests (fields 'image' or 'images', optional 'key') and/or WebDataset .tar shards")
+                        help="JSONL manifests (fields 'image' or 'images', optional 'key'), WebDataset .tar "
+                             "shards and/or directories of images")
+    parser.add_argument("--key-style", choices=("path", "stem"), default="path",
+                        help="store key of a manifest/directory image: its path as written, or its file stem")
     parser.add_argument("--output", required=True, help="store directory (shards/, index.json, report.json)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--encoder", help="HF image_tokenizer/ directory (config.json + safetensors)")
@@ -48,7 +51,8 @@ def parse_args(argv=None) -> JobSpec:
     return JobSpec(inputs=args.input, output=args.output, mode=args.mode, generation_target=args.generation_size,
                    multi_image=args.multi_image, min_side=args.min_side, shard_size=args.shard_size,
                    batch_size=args.batch_size, decoder=args.decoder, device=args.device, encoder_dir=args.encoder,
-                   tiny=args.tiny, tiny_seed=args.tiny_seed, tiny_codes=args.tiny_codes, threads=args.threads,
+                   tiny=args.tiny, tiny_seed=args.tiny_seed, tiny_codes=args.tiny_codes,
+                   key_style=args.key_style, threads=args.threads,
                    progress=not args.no_progress)
 
 

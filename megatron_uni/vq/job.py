@@ -47,6 +47,7 @@ class JobSpec:
     tiny: bool = False
     tiny_seed: int = 0
     tiny_codes: int = 256
+    key_style: str = "path"
     threads: Optional[int] = None
     progress: bool = True
 
@@ -102,7 +103,8 @@ def job_meta(spec: JobSpec, items: Sequence[ImageItem], encoder: dict) -> dict:
         digest.update(f"{item.key}\0{item.origin}\n".encode())
     return {"inputs_sha256": digest.hexdigest(), "num_inputs": len(items), "mode": spec.mode,
             "generation_target": spec.generation_target, "multi_image": spec.multi_image,
-            "min_side": spec.min_side, "shard_size": spec.shard_size, "encoder": encoder}
+            "min_side": spec.min_side, "shard_size": spec.shard_size, "key_style": spec.key_style,
+            "encoder": encoder}
 
 
 def claim_output(directory: str, meta: dict) -> None:
@@ -228,7 +230,7 @@ def read_items(spec: JobSpec) -> List[ImageItem]:
 
     if spec.shard_size < 1 or spec.batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be >= 1, got {spec.shard_size}, {spec.batch_size}")
-    return read_inputs(spec.inputs)
+    return read_inputs(spec.inputs, spec.key_style)
 
 
 def _process(todo, chunks, spec, resolve, decoder, model, device, comm) -> dict:

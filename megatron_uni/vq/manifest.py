@@ -6,6 +6,11 @@ image is its path exactly as written in the manifest, or the line's ``"key"`` wh
 
 Tar: every member whose extension is an image format is one image, keyed ``<tar name>/<member name>``.
 
+Directory: every image file directly inside it, in name order, keyed by its file name.
+
+With ``key_style="stem"`` a JSONL path or directory file is keyed by its file name without extension
+(``images/scene_00001.png`` -> ``scene_00001``), the convention of the demo data set.
+
 Items keep manifest order and a key seen twice is tokenized once.
 """
 
@@ -21,17 +26,24 @@ from megatron_uni.vq.decoding import ImageItem
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-def read_jsonl(path: str) -> List[ImageItem]:
+KEY_STYLES = ("path", "stem")
+
+
+def _key_of(written: str, key_style: str) -> str:
+    return os.path.splitext(os.path.basename(written))[0] if key_style == "stem" else written
+
+
+def read_jsonl(path: str, key_style: str = "path") -> List[ImageItem]:
     base = os.path.dirname(os.path.abspath(path))
     items: List[ImageItem] = []
     with open(path) as handle:
         for line_number, line in enumerate(handle, start=1):
             if line.strip():
-                items.extend(_items_of_line(line, path, line_number, base))
+                items.extend(_items_of_line(line, path, line_number, base, key_style))
     return items
 
 
-def _items_of_line(line: str, path: str, line_number: int, base: str) -> List[ImageItem]:
+def _items_of_line(line: str, path: str, line_number: int, base: str, key_style: str) -> List[ImageItem]:
     where = f"{path}:{line_number}"
     try:
         record = json.loads(line)
@@ -53,7 +65,8 @@ def _items_of_line(line: str, path: str, line_number: int, base: str) -> List[Im
     key = record.get("key")
     if key is not None and (len(paths) != 1 or not isinstance(key, str)):
         raise ValueError(f"{where}: field 'key' must be a string and names exactly one image")
-    return [ImageItem(key=key if key is not None else p, path=os.path.join(base, p)) for p in paths]
+    return [ImageItem(key=key if key is not None else _key_of(p, key_style), path=os.path.join(base, p))
+            for p in paths]
 
 
 def read_tar(path: str) -> List[ImageItem]:
@@ -68,13 +81,24 @@ def read_tar(path: str) -> List[ImageItem]:
             for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]
 
 
-def read_inputs(paths: Iterable[str]) -> List[ImageItem]:
-    """All images of the given manifests / tar shards, in order, first occurrence of each key kept."""
+def read_directory(path: str, key_style: str = "path") -> List[ImageItem]:
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)
+                   and os.path.isfile(os.path.join(path, n)))
+    return [ImageItem(key=_key_of(n, key_style), path=os.path.join(path, n)) for n in names]
+
+
+def read_inputs(paths: Iterable[str], key_style: str = "path") -> List[ImageItem]:
+    """All images of the given manifests / tar shards / directories, in order, first occurrence of a key kept."""
+    if key_style not in KEY_STYLES:
+        raise ValueError(f"unknown key style {key_style!r}; expected one of {KEY_STYLES}")
     items: List[ImageItem] = []
     for path in paths:
-        if not os.path.isfile(path):
+        if os.path.isdir(path):
+            items.extend(read_directory(path, key_style))
+        elif not os.path.isfile(path):
             raise FileNotFoundError(f"input {path} does not exist")
-        items.extend(read_tar(path) if path.endswith(".tar") else read_jsonl(path))
+        else:
+            items.extend(read_tar(path) if path.endswith(".tar") else read_jsonl(path, key_style))
     seen, unique = set(), []
     for item in items:
         if item.key not in seen:
