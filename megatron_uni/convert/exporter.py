@@ -1,0 +1,188 @@
+"""torch_dist checkpoint (any saved layout) -> HF LLaDA2.0-Uni folder, on CPU, one shard at a time.
+
+No model is built: the checkpoint's global tensors are read by key with megatron-core's
+``dist_checkpointing`` (whatever TP/PP/EP wrote them), only those of the HF shard being written,
+and turned into HF tensors through :mod:`megatron_uni.convert.mapping`. Output: bf16
+``model-0000i-of-0000n.safetensors`` (size-bounded) + index, router expert bias in fp32,
+``config.json`` / ``generation_config.json``, the tokenizer files, and the ``image_tokenizer/``,
+``decoder/``, ``decoder-turbo/``, ``vae/`` folders and remote-code files of a base HF Uni folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from megatron_uni.convert import mapping
+from megatron_uni.convert.hf_config import generation_config, uni_config
+from megatron_uni.convert.hf_io import (
+    CONFIG_FILE, ConversionError, ShardPlan, iter_plans_with_progress, plan_shards, write_index, write_json,
+    write_shard,
+)
+
+CARRIED_DIRS = ("image_tokenizer", "decoder", "decoder-turbo", "vae")
+REMOTE_CODE_FILES = ("configuration_llada2uni_moe.py", "modeling_llada2uni_moe.py")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "special_tokens.json")
+DEFAULT_SHARD_BYTES = 5 * 2 ** 30
+
+
+@dataclasses.dataclass
+class ExportPlan:
+    model_cfg: object
+    model_dir: str                          # torch_dist directory of the model state
+    ckpt_keys: Dict[str, object]            # canonical key -> checkpoint ShardedTensor metadata
+    shards: List[ShardPlan]
+    dtype: torch.dtype
+    special_ids: Dict[str, int]
+    copies: List[Tuple[str, str]]           # (source path, name in the output folder)
+
+    def describe(self) -> List[str]:
+        lines = [f"{len(self.shards)} safetensors shard(s), {sum(s.nbytes for s in self.shards) / 2 ** 20:.1f} MiB, "
+                 f"weights {str(self.dtype).replace('torch.', '')}, router expert bias float32"]
+        for shard in self.shards:
+            lines.append(f"{shard.file}: {len(shard.names)} tensors, {shard.nbytes / 2 ** 20:.1f} MiB")
+        lines += [f"{CONFIG_FILE}, generation_config.json, model.safetensors.index.json"]
+        lines += [f"copy {src} -> {name}" for src, name in self.copies]
+        return lines
+
+
+def model_config_from_metadata(metadata: dict):
+    from megatron_uni.config import ModelConfig
+
+    saved = metadata.get("model_config") or {}
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def check_checkpoint_tensors(tensors_meta: Dict[str, object], model_cfg, where: str) -> Dict[str, object]:
+    """Canonicalise the checkpoint's keys and refuse missing / extra / wrongly shaped tensors."""
+    found = {mapping.canonical_key(key, model_cfg)[0]: meta for key, meta in tensors_meta.items()}
+    expected = mapping.stacked_megatron_keys(model_cfg)
+    problems = [f"missing tensor {k} (expected shape {list(s)})" for k, s in expected.items() if k not in found]
+    problems += [f"unexpected tensor {k} {list(m.global_shape)}" for k, m in found.items() if k not in expected]
+    problems += [f"tensor {k} has shape {list(found[k].global_shape)}, expected {list(s)}"
+                 for k, s in expected.items() if k in found and tuple(found[k].global_shape) != s]
+    if problems:
+        more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ConversionError(f"{where}: checkpoint tensors do not match its model config: "
+                              + "; ".join(problems[:10]) + more)
+    return {k: found[k] for k in expected}
+
+
+def _special_ids(metadata: dict, tokenizer_dir: Optional[str], model_cfg) -> Dict[str, int]:
+    special = dict((metadata.get("vocabulary") or {}).get("special_ids") or {})
+    if not special and tokenizer_dir:
+        from megatron_uni.tokens import Vocabulary
+
+        vocabulary = Vocabulary.from_tokenizer_dir(tokenizer_dir, text_size=model_cfg.text_vocab,
+                                                   num_image_codes=model_cfg.num_image_codes)
+        special = dict(vocabulary.special_ids)
+    return special
+
+
+def _copies(tokenizer_dir: Optional[str], base_dir: Optional[str]) -> List[Tuple[str, str]]:
+    copies: List[Tuple[str, str]] = []
+    if tokenizer_dir:
+        found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
+        if "tokenizer.json" not in found:
+            raise ConversionError(f"tokenizer directory {tokenizer_dir} has no tokenizer.json")
+        copies += [(os.path.join(tokenizer_dir, n), n) for n in found]
+    if base_dir:
+        missing = [d for d in CARRIED_DIRS if not os.path.isdir(os.path.join(base_dir, d))]
+        if missing:
+            raise ConversionError(f"base HF folder {base_dir} lacks {', '.join(d + '/' for d in missing)} "
+                                  f"(needed by the decoder and image pipeline)")
+        copies += [(os.path.join(base_dir, d), d) for d in CARRIED_DIRS]
+        copies += [(os.path.join(base_dir, n), n) for n in REMOTE_CODE_FILES if os.path.isfile(os.path.join(base_dir, n))]
+    return copies
+
+
+def _hf_sizes(model_cfg, dtype: torch.dtype) -> List[Tuple[str, int]]:
+    width = torch.empty((), dtype=dtype).element_size()
+    sizes = []
+    for entry in mapping.entries(model_cfg):
+        for name, shape in mapping.hf_shapes(entry, model_cfg, model_cfg.vocab).items():
+            numel = int(torch.Size(shape).numel())
+            sizes.append((name, numel * (4 if entry.keep_fp32 else width)))
+    return sizes
+
+
+def plan_export(checkpoint: str, tokenizer_dir: Optional[str] = None, base_dir: Optional[str] = None,
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.dtype = torch.bfloat16) -> ExportPlan:
+    """Validate everything an export needs and decide its files; reads no tensor data."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_uni.checkpoint import MODEL_DIR, read_metadata, resolve_iteration_dir
+
+    iter_dir = resolve_iteration_dir(checkpoint)
+    metadata = read_metadata(iter_dir)
+    model_cfg = model_config_from_metadata(metadata)
+    model_dir = os.path.join(iter_dir, MODEL_DIR)
+    keys = check_checkpoint_tensors(dist_checkpointing.load_tensors_metadata(model_dir), model_cfg, model_dir)
+    shards = plan_shards(_hf_sizes(model_cfg, dtype), max_shard_bytes)
+    return ExportPlan(model_cfg, model_dir, keys, shards, dtype, _special_ids(metadata, tokenizer_dir, model_cfg),
+                      _copies(tokenizer_dir, base_dir))
+
+
+def _read_entries(plan: ExportPlan, needed: List[mapping.Entry]) -> Dict[str, torch.Tensor]:
+    """Global (per-expert) tensors of ``needed`` from the checkpoint, by entry name."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    cfg = plan.model_cfg
+    request = {}
+    for entry in needed:
+        meta = plan.ckpt_keys[entry.megatron]
+        shape = mapping.megatron_shape(entry, cfg, cfg.vocab)
+        lead = [(0, entry.expert, cfg.num_experts)] if entry.expert is not None else []
+        request[entry.name] = ShardedTensor.from_rank_offsets(
+            meta.key, torch.empty(shape, dtype=meta.dtype), *lead, replica_id=0,
+            prepend_axis_num=len(lead))
+    return dist_checkpointing.load(request, plan.model_dir, validate_access_integrity=False)
+
+
+def write_export(plan: ExportPlan, out_dir: str, link: bool = False, progress: bool = True) -> None:
+    """Write the planned folder. Needs an initialised process group (any size; rank 0 writes)."""
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = plan.model_cfg
+    by_hf_name = {name: e for e in mapping.entries(cfg) for name in e.hf}
+    for shard in iter_plans_with_progress(plan.shards, "export HF shards", progress):
+        needed = list({by_hf_name[n].name: by_hf_name[n] for n in shard.names}.values())
+        loaded = _read_entries(plan, needed)
+        tensors: Dict[str, torch.Tensor] = {}
+        for entry in needed:
+            out_dtype = torch.float32 if entry.keep_fp32 else plan.dtype
+            for name, tensor in mapping.to_hf(entry, loaded[entry.name], cfg).items():
+                tensors[name] = tensor.to(out_dtype)
+        write_shard(out_dir, shard, tensors)
+    write_index(out_dir, plan.shards)
+    eos, mask = plan.special_ids.get("eos"), plan.special_ids.get("mask")
+    write_json(os.path.join(out_dir, CONFIG_FILE), uni_config(cfg, pad_token_id=eos))
+    write_json(os.path.join(out_dir, "generation_config.json"), generation_config(eos, mask))
+    for source, name in plan.copies:
+        _carry(source, os.path.join(out_dir, name), link)
+
+
+def _carry(source: str, target: str, link: bool) -> None:
+    if os.path.lexists(target):
+        shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
+    if link:
+        os.symlink(os.path.abspath(source), target)
+    elif os.path.isdir(source):
+        shutil.copytree(source, target)
+    else:
+        shutil.copy2(source, target)
+
+
+def export_hf(checkpoint: str, out_dir: str, tokenizer_dir: Optional[str] = None, base_dir: Optional[str] = None,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.dtype = torch.bfloat16, link: bool = False,
+              dry_run: bool = False, progress: bool = True) -> ExportPlan:
+    plan = plan_export(checkpoint, tokenizer_dir, base_dir, max_shard_bytes, dtype)
+    if not dry_run:
+        write_export(plan, out_dir, link, progress)
+    return plan
