@@ -119,6 +119,7 @@ def plan_export(checkpoint: str, tokenizer_dir: Optional[str] = None, base_dir: 
 
     from megatron_uni.checkpoint import MODEL_DIR, read_metadata, resolve_iteration_dir
 
+    ensure_process_group()
     iter_dir = resolve_iteration_dir(checkpoint)
     metadata = read_metadata(iter_dir)
     model_cfg = model_config_from_metadata(metadata)
@@ -146,9 +147,22 @@ def _read_entries(plan: ExportPlan, needed: List[mapping.Entry]) -> Dict[str, to
     return dist_checkpointing.load(request, plan.model_dir, validate_access_integrity=False)
 
 
+def ensure_process_group() -> None:
+    """dist_checkpointing reads through a process group; a lone CPU export makes a gloo one of 1."""
+    if not torch.distributed.is_initialized():
+        from megatron_uni.platform.distributed import free_port
+
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                             rank=0, world_size=1)
+
+
 def write_export(plan: ExportPlan, out_dir: str, link: bool = False, progress: bool = True) -> None:
-    """Write the planned folder. Needs an initialised process group (any size; rank 0 writes)."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write the planned folder. Under a process group of several ranks every rank must call it
+    (the reads are collective) and rank 0 writes the files."""
+    ensure_process_group()
+    writer = torch.distributed.get_rank() == 0
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
     cfg = plan.model_cfg
     by_hf_name = {name: e for e in mapping.entries(cfg) for name in e.hf}
     for shard in iter_plans_with_progress(plan.shards, "export HF shards", progress):
@@ -159,7 +173,14 @@ def write_export(plan: ExportPlan, out_dir: str, link: bool = False, progress: b
             out_dtype = torch.float32 if entry.keep_fp32 else plan.dtype
             for name, tensor in mapping.to_hf(entry, loaded[entry.name], cfg).items():
                 tensors[name] = tensor.to(out_dtype)
-        write_shard(out_dir, shard, tensors)
+        if writer:
+            write_shard(out_dir, shard, tensors)
+    if writer:
+        _write_side_files(plan, out_dir, link)
+
+
+def _write_side_files(plan: ExportPlan, out_dir: str, link: bool) -> None:
+    cfg = plan.model_cfg
     write_index(out_dir, plan.shards)
     eos, mask = plan.special_ids.get("eos"), plan.special_ids.get("mask")
     write_json(os.path.join(out_dir, CONFIG_FILE), uni_config(cfg, pad_token_id=eos))
