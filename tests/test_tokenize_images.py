@@ -3,14 +3,12 @@
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from megatron_uni.data import image_codes as store
@@ -135,6 +133,8 @@ def test_killed_run_then_rerun_produces_identical_shards(reference, images, tmp_
     written = sorted(os.listdir(output / store.SHARD_DIR))
     assert 0 < len(written) < len(shard_bytes(reference[0]))
     first_bytes = {name: open(output / store.SHARD_DIR / name, "rb").read() for name in written}
+    # A kill during a write leaves at most a temporary file, never a shard; the rerun clears it.
+    (output / store.SHARD_DIR / "shard-000002.vqc.tmp.999").write_bytes(b"half a shard")
     resumed = run_tool(images, output)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["ranks"][0]["shards_skipped"] == len(written)

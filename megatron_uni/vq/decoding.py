@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import tarfile
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 

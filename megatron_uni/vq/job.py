@@ -83,6 +83,13 @@ def get_communicator():
     return MPI.COMM_WORLD
 
 
+def local_size() -> int:
+    for name in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return max(1, int(os.environ[name]))
+    return 1
+
+
 def local_rank(comm) -> int:
     for name in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"):
         if name in os.environ:
@@ -108,7 +115,15 @@ def job_meta(spec: JobSpec, items: Sequence[ImageItem], encoder: dict) -> dict:
 
 
 def claim_output(directory: str, meta: dict) -> None:
-    """Write job.json, or check that an existing one describes the same job (resume)."""
+    """Write job.json, or check that an existing one describes the same job (resume).
+
+    Runs on rank 0 before any rank writes, so temporary files left by a killed run can be removed.
+    """
+    shard_dir = os.path.join(directory, store.SHARD_DIR)
+    if os.path.isdir(shard_dir):
+        for name in os.listdir(shard_dir):
+            if ".tmp." in name:
+                os.remove(os.path.join(shard_dir, name))
     path = os.path.join(directory, store.JOB_FILE)
     if os.path.isfile(path):
         with open(path) as handle:
@@ -126,6 +141,8 @@ def pick_device(spec: JobSpec, comm) -> torch.device:
     wants_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
     if not wants_cuda:
         return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but torch sees no CUDA device")
     index = local_rank(comm) % torch.cuda.device_count()
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
@@ -204,8 +221,8 @@ def make_resolver(spec: JobSpec):
 # ---- driver -------------------------------------------------------------------------------------------
 def run_job(spec: JobSpec, comm=None) -> dict:
     comm = comm or get_communicator()
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
+    # Ranks on one node share its cores; oversubscribed torch threads slow everyone down.
+    torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // local_size()))
     items = read_items(spec)
     chunks = [items[i:i + spec.shard_size] for i in range(0, len(items), spec.shard_size)]
     resolve = make_resolver(spec)
