@@ -94,3 +94,14 @@ def test_config_missing_field_is_named(tmp_path):
     (directory / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=r"vision_config lacks required field\(s\) \['depth'\]"):
         VQConfig.from_dir(str(directory))
+
+
+def test_transformers_style_config_with_pair_sizes_and_extra_keys_loads(tmp_path):
+    raw = VQConfig.real().to_hf_dict()
+    raw["vision_config"].update(image_size=[2048, 2048], patch_size=[16, 16], model_type="glm_image_vision",
+                                initializer_range=0.02)
+    raw["vq_config"]["in_channels"] = 3
+    assert VQConfig.from_hf_dict(raw) == VQConfig.real()
+    raw["vision_config"]["image_size"] = [2048, 1024]
+    with pytest.raises(ValueError, match=r"vision_config.image_size \[2048, 1024\] is not square"):
+        VQConfig.from_hf_dict(raw)

@@ -93,7 +93,11 @@ class VQConfig:
         merge = vision_raw.get("spatial_merge_size", 1)
         if merge != 1:
             raise ValueError(f"{source}: vision_config.spatial_merge_size {merge} is not supported (must be 1)")
-        vision = VisionConfig(**_pick(vision_raw, VisionConfig, source, "vision_config"))
+        vision_fields = _pick(vision_raw, VisionConfig, source, "vision_config")
+        for name in ("image_size", "patch_size"):  # transformers allows [h, w]; the tokenizer is square
+            if name in vision_fields:
+                vision_fields[name] = _square(vision_fields[name], f"{source}: vision_config.{name}")
+        vision = VisionConfig(**vision_fields)
         quantizer = QuantizerConfig(**_pick(vq_raw, QuantizerConfig, source, "vq_config"))
         return cls(vision, quantizer)
 
@@ -115,6 +119,14 @@ def _section(raw: Dict[str, Any], name: str, source: str) -> Dict[str, Any]:
     if name not in raw or not isinstance(raw[name], dict):
         raise ValueError(f"{source}: missing section {name!r}")
     return raw[name]
+
+
+def _square(value, where: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{where} {value} is not square")
+        return int(value[0])
+    return int(value)
 
 
 def _pick(raw: Dict[str, Any], klass, source: str, section: str) -> Dict[str, Any]:
