@@ -94,3 +94,17 @@ def test_mask_embedding_noise_hook_adds_noise_to_mask_tokens_only_while_active()
     assert (diff[[0, 2]] == 0).all() and (diff[[1, 3]] > 0).all()
     step[0] = 2
     torch.testing.assert_close(module(input_ids=ids), clean)
+
+
+def test_schedule_loss_counts_are_integers_and_the_ratio_is_kept():
+    from megatron_uni.diffusion.losses import schedule_loss
+
+    for weighting, tolerance in (("mean", 0.0), ("elbo", 0.0), ("sqrt_masked", 1e-3)):
+        inputs = _inputs(8, weighting)
+        ce = torch.rand(inputs.loss_weights.shape, generator=torch.Generator().manual_seed(9))
+        sums = loss_sums(ce, inputs)
+        loss, count, report = schedule_loss(sums, weighting)
+        assert count.dtype == torch.int32
+        ratio = (loss / count).item()
+        assert abs(ratio - combine(sums)["loss"].item()) <= tolerance * ratio + 1e-7
+        torch.testing.assert_close(report["diffusion"], sums.stacked())

@@ -74,6 +74,12 @@ class DiffusionInputs:
         """Labels with ignored positions set to 0: megatron's CE needs in-range ids; weights are 0 there."""
         return self.labels.clamp_min(0)
 
+    def step_inputs(self) -> dict:
+        """The dict a training ``forward_step`` reads (``attention_mask`` = layout descriptor)."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                "attention_mask": self.attention_mask, "labels": self.labels,
+                "loss_weights": self.loss_weights, "normalizer": self.normalizer}
+
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()

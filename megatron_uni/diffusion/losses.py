@@ -162,3 +162,21 @@ def mask_embedding_noise_hook(mask_id: int, std: float, num_steps: int,
         return output + noise
 
     return hook
+
+
+# megatron's schedules add the loss function's token count into an int32 tensor, so a
+# non-integral normaliser is passed in fixed point: numerator and count both scaled by this
+# factor; the sqrt_masked normaliser (a sum of square roots) is then off by < 0.5/64 per micro-batch.
+NORMALIZER_FIXED_POINT = {"mean": 1, "elbo": 1, "sqrt_masked": 64}
+
+
+def schedule_loss(sums: LossSums, weighting: str):
+    """``(loss_sum, num_tokens, report)`` for a megatron ``loss_func`` with ``calculate_per_token_loss=True``.
+
+    megatron divides the summed ``loss_sum`` (gradients) by the summed ``num_tokens`` over
+    micro-batches and DP: the global normalisation. ``report["diffusion"]`` holds the stacked
+    :class:`LossSums` for logging (sum them, then :func:`combine`).
+    """
+    scale = NORMALIZER_FIXED_POINT[weighting]
+    count = torch.round(sums.normalizer.detach() * scale).to(torch.int)
+    return sums.loss * scale, count, {"diffusion": sums.stacked().detach()}
