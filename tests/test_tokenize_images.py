@@ -208,3 +208,14 @@ def test_demo_images_directory_with_stem_keys_covers_every_demo_key(tmp_path):
         grid_h, grid_w, values = codes.get(key)
         assert (grid_h, grid_w) == fallback.get(key)[:2] == (8, 8)  # 128-px demo images, 16-px patches
         assert values.min() >= 0 and values.max() < 256
+
+
+def test_auto_decoder_falls_back_to_pil_only_without_dali(monkeypatch):
+    from megatron_uni.vq import decoding
+
+    monkeypatch.setattr(decoding, "dali_available", lambda: False)
+    assert decoding.make_decoder("auto", 4, use_gpu=False).name == "pil"
+    with pytest.raises(ImportError, match="nvidia.dali is not importable"):
+        decoding.make_decoder("dali", 4, use_gpu=False)
+    monkeypatch.setattr(decoding, "dali_available", lambda: True)
+    assert decoding.make_decoder("auto", 4, use_gpu=False).name == "dali"

@@ -105,3 +105,19 @@ def test_transformers_style_config_with_pair_sizes_and_extra_keys_loads(tmp_path
     raw["vision_config"]["image_size"] = [2048, 1024]
     with pytest.raises(ValueError, match=r"vision_config.image_size \[2048, 1024\] is not square"):
         VQConfig.from_hf_dict(raw)
+
+
+def test_real_checkpoint_names_are_the_hf_image_tokenizer_names():
+    from megatron_uni.vq.encoder import SigLIPVQ
+    from megatron_uni.vq.weights import expected_shapes
+
+    with torch.device("meta"):
+        names = set(expected_shapes(SigLIPVQ(VQConfig.real())))
+    per_block = [f"{part}.{kind}" for part in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+                 for kind in ("weight", "bias")]
+    wanted = {"model.visual.embeddings.position_embedding.weight", "model.visual.patch_embed.proj.weight",
+              "model.visual.patch_embed.proj.bias", "model.vqmodel.quantize.embedding.weight",
+              "model.vqmodel.quant_conv.weight", "model.vqmodel.quant_conv.bias",
+              "model.vqmodel.post_quant_conv.weight", "model.vqmodel.post_quant_conv.bias"}
+    wanted |= {f"model.visual.blocks.{i}.{name}" for i in range(40) for name in per_block}
+    assert names == wanted
