@@ -130,21 +130,18 @@ def plan_export(checkpoint: str, tokenizer_dir: Optional[str] = None, base_dir: 
                       _copies(tokenizer_dir, base_dir))
 
 
-def _read_entries(plan: ExportPlan, needed: List[mapping.Entry]) -> Dict[str, torch.Tensor]:
-    """Global (per-expert) tensors of ``needed`` from the checkpoint, by entry name."""
+def _read_keys(plan: ExportPlan, keys: List[str]) -> Dict[str, torch.Tensor]:
+    """Whole global tensors of ``keys`` (canonical) from the checkpoint. Stacked expert keys are
+    read whole: megatron's torch_dist reader expects every fragment of a key a call asks for."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    cfg = plan.model_cfg
     request = {}
-    for entry in needed:
-        meta = plan.ckpt_keys[entry.megatron]
-        shape = mapping.megatron_shape(entry, cfg, cfg.vocab)
-        lead = [(0, entry.expert, cfg.num_experts)] if entry.expert is not None else []
-        request[entry.name] = ShardedTensor.from_rank_offsets(
-            meta.key, torch.empty(shape, dtype=meta.dtype), *lead, replica_id=0,
-            prepend_axis_num=len(lead))
-    return dist_checkpointing.load(request, plan.model_dir, validate_access_integrity=False)
+    for key in keys:
+        meta = plan.ckpt_keys[key]
+        request[key] = ShardedTensor.from_rank_offsets(meta.key, torch.empty(meta.global_shape, dtype=meta.dtype),
+                                                       replica_id=0)
+    return dist_checkpointing.load(request, plan.model_dir, validate_access_integrity=False) if request else {}
 
 
 def ensure_process_group() -> None:
@@ -165,16 +162,24 @@ def write_export(plan: ExportPlan, out_dir: str, link: bool = False, progress: b
         os.makedirs(out_dir, exist_ok=True)
     cfg = plan.model_cfg
     by_hf_name = {name: e for e in mapping.entries(cfg) for name in e.hf}
-    for shard in iter_plans_with_progress(plan.shards, "export HF shards", progress):
-        needed = list({by_hf_name[n].name: by_hf_name[n] for n in shard.names}.values())
-        loaded = _read_entries(plan, needed)
+    shard_entries = [list({by_hf_name[n].name: by_hf_name[n] for n in s.names}.values()) for s in plan.shards]
+    cache: Dict[str, torch.Tensor] = {}
+    for i, shard in enumerate(iter_plans_with_progress(plan.shards, "export HF shards", progress)):
+        needed = shard_entries[i]
+        keys = list(dict.fromkeys(e.megatron for e in needed))
+        cache.update(_read_keys(plan, [k for k in keys if k not in cache]))
         tensors: Dict[str, torch.Tensor] = {}
         for entry in needed:
+            whole = cache[entry.megatron]
+            piece = whole[entry.expert] if entry.expert is not None else whole
             out_dtype = torch.float32 if entry.keep_fp32 else plan.dtype
-            for name, tensor in mapping.to_hf(entry, loaded[entry.name], cfg).items():
+            for name, tensor in mapping.to_hf(entry, piece, cfg).items():
                 tensors[name] = tensor.to(out_dtype)
         if writer:
             write_shard(out_dir, shard, tensors)
+        # keep only a stacked expert tensor that the next shard continues
+        upcoming = {e.megatron for e in shard_entries[i + 1]} if i + 1 < len(shard_entries) else set()
+        cache = {k: v for k, v in cache.items() if k in upcoming}
     if writer:
         _write_side_files(plan, out_dir, link)
 
