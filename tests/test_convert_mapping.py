@@ -1,0 +1,129 @@
+"""The mapping table and its transforms, shard planning, and the reference model's building blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convert_helpers import batch, tiny_config
+from megatron_uni.convert import mapping
+from megatron_uni.convert.hf_io import plan_shards
+from megatron_uni.convert.hf_reference import LLaDA2Reference, apply_partial_rope, rope_cos_sin
+from megatron_uni.convert.tiny_hf import tiny_hf_weights
+
+
+def test_qkv_regroup_puts_each_groups_q_k_v_together():
+    m = tiny_config().model  # 4 query heads, 2 groups, head dim 16
+    d, rows = m.kv_channels, (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels
+    hf = torch.arange(rows, dtype=torch.float32)[:, None].expand(rows, 3).clone()
+    meg = mapping.qkv_hf_to_megatron(hf, m)[:, 0].long().tolist()
+    q_rows, k_rows = m.num_attention_heads * d, m.num_query_groups * d
+    expected = []
+    for group in range(m.num_query_groups):
+        expected += list(range(group * 2 * d, (group + 1) * 2 * d))           # its 2 query heads
+        expected += list(range(q_rows + group * d, q_rows + (group + 1) * d))  # its key head
+        expected += list(range(q_rows + k_rows + group * d, q_rows + k_rows + (group + 1) * d))
+    assert meg == expected
+    assert torch.equal(mapping.qkv_megatron_to_hf(mapping.qkv_hf_to_megatron(hf, m), m), hf)
+
+
+def test_gate_up_both_ways():
+    m = tiny_config().model
+    entry = next(e for e in mapping.entries(m) if e.transform == mapping.GATE_UP)
+    gate, up = torch.randn(8, 4), torch.randn(8, 4)
+    fc1 = mapping.to_megatron(entry, [gate, up], m)
+    assert torch.equal(fc1[:8], gate) and torch.equal(fc1[8:], up)
+    back = mapping.to_hf(entry, fc1, m)
+    assert torch.equal(back[entry.hf[0]], gate) and torch.equal(back[entry.hf[1]], up)
+
+
+@pytest.mark.parametrize("name, offset, expected", [
+    ("decoder.layers.2.mlp.experts.local_experts.3.linear_fc1.weight", 8,
+     ("decoder.layers.2.mlp.experts.experts.linear_fc1.weight", 11)),
+    ("decoder.layers.2.mlp.experts.linear_fc2.weight5", 8, ("decoder.layers.2.mlp.experts.experts.linear_fc2.weight", 13)),
+    ("decoder.layers.2.mlp.linear_fc1.layer_norm_weight", 0, ("decoder.layers.2.pre_mlp_layernorm.weight", None)),
+    ("decoder.layers.2.pre_mlp_layernorm.weight", 0, ("decoder.layers.2.pre_mlp_layernorm.weight", None)),
+    ("decoder.layers.0.pre_mlp_layernorm.weight", 0, ("decoder.layers.0.mlp.linear_fc1.layer_norm_weight", None)),
+    ("decoder.layers.1.input_layernorm.weight", 0,
+     ("decoder.layers.1.self_attention.linear_qkv.layer_norm_weight", None)),
+])
+def test_canonical_key_folds_module_names_and_aliases(name, offset, expected):
+    m = tiny_config().model
+    assert mapping.canonical_key(name, m, expert_offset=offset) == expected
+    assert expected in mapping.entries_by_key(m)
+
+
+def test_entries_name_every_hf_tensor_once():
+    m = tiny_config().model
+    names = [n for e in mapping.entries(m) for n in e.hf]
+    dense, moe = m.first_k_dense, m.num_layers - m.first_k_dense
+    per_layer = 5                                    # input norm, qkv, q/k norms, dense
+    expected = 3 + m.num_layers * per_layer + dense * 4 + moe * (1 + 2 + 3 + 3 * m.num_experts)
+    assert len(names) == len(set(names)) == expected
+    stacked = mapping.stacked_megatron_keys(m)
+    assert stacked["decoder.layers.1.mlp.experts.experts.linear_fc1.weight"] == (
+        m.num_experts, 2 * m.moe_ffn_hidden_size, m.hidden_size)
+    assert stacked["embedding.word_embeddings.weight"] == (m.vocab, m.hidden_size)
+
+
+def test_plan_shards_respects_bound_and_names_files():
+    plans = plan_shards([("a", 40), ("b", 50), ("c", 200), ("d", 10)], max_shard_bytes=100)
+    assert [p.names for p in plans] == [["a", "b"], ["c"], ["d"]]
+    assert [p.file for p in plans] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+
+
+def test_partial_rope_rotates_first_half_only():
+    x = torch.randn(1, 2, 5, 16)
+    cos, sin = rope_cos_sin(torch.arange(5)[None], rotary_dim=8, theta=600000.0)
+    y = apply_partial_rope(x, cos, sin)
+    assert torch.equal(y[..., 8:], x[..., 8:])
+    assert not torch.allclose(y[..., 1:, :8], x[..., 1:, :8])
+    pairs = lambda t: t[..., :4] ** 2 + t[..., 4:8] ** 2  # noqa: E731  rotate-half pairs keep their norm
+    assert torch.allclose(pairs(y), pairs(x), atol=1e-5)
+
+
+def _reference():
+    cfg = tiny_config().model
+    from megatron_uni.convert.hf_config import uni_config
+
+    # the very HF weights of the round-trip test's tiny folder (text-only, seed 3)
+    return LLaDA2Reference(tiny_hf_weights(cfg, text_only=True, seed=3), uni_config(cfg, None)), cfg
+
+
+def _recorded_router_inputs(reference):
+    seen = []
+    original = reference.route
+    reference.route = lambda x, prefix: seen.append((x, prefix)) or original(x, prefix)
+    ids, positions, mask = batch(vocab=tiny_config().model.text_vocab)
+    reference(ids, positions, ~mask)
+    reference.route = original
+    return seen
+
+
+def test_routing_weights_use_unbiased_scores_and_groups_limit_choice():
+    reference, cfg = _reference()
+    x, prefix = _recorded_router_inputs(reference)[0]
+    chosen, weights = reference.route(x, prefix)
+    scores = torch.sigmoid(x.float() @ reference.w[f"{prefix}.gate.weight"].float().T)
+    unbiased = scores.gather(1, chosen)
+    assert torch.allclose(weights, unbiased / unbiased.sum(-1, keepdim=True) * cfg.moe_router_topk_scaling_factor)
+    group_size = cfg.num_experts // cfg.moe_router_num_groups
+    assert all(len(set((row // group_size).tolist())) <= cfg.moe_router_group_topk for row in chosen)
+
+
+def test_parity_batch_exercises_expert_bias_and_group_limit():
+    """On the tokens of the parity test the bias and the group limit both change the choice,
+    so logits parity really covers them."""
+    reference, cfg = _reference()
+    bias_changes = group_changes = 0
+    for x, prefix in _recorded_router_inputs(reference):
+        chosen = reference.route(x, prefix)[0].sort(-1).values
+        bias_name = f"{prefix}.gate.expert_bias"
+        saved = reference.w[bias_name]
+        reference.w[bias_name] = torch.zeros_like(saved)
+        bias_changes += int((reference.route(x, prefix)[0].sort(-1).values != chosen).any(-1).sum())
+        reference.w[bias_name] = saved
+        reference.c["topk_group"] = cfg.moe_router_num_groups  # all groups kept = no limit
+        group_changes += int((reference.route(x, prefix)[0].sort(-1).values != chosen).any(-1).sum())
+        reference.c["topk_group"] = cfg.moe_router_group_topk
+    assert bias_changes > 0 and group_changes > 0
