@@ -152,3 +152,20 @@ def test_full_activation_recompute_passes_the_descriptor(models, monkeypatch):
     torch.testing.assert_close(loss_re, loss_plain)
     for name, grad in grads_plain.items():
         torch.testing.assert_close(grads_re[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_ce_and_confidence_from_logits_match_the_model_loss(models):
+    from megatron_uni.diffusion.losses import ce_and_confidence, confidence_entropy
+
+    ours, _ = models
+    inputs, _ = make_inputs(7)
+    logits = ours(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
+    ce, (entropy, counted) = ce_and_confidence(logits, inputs.labels)
+    with torch.no_grad():
+        want = ours(inputs.input_ids, inputs.position_ids, inputs.attention_mask, labels=inputs.model_labels)
+    torch.testing.assert_close(ce, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, confidence_entropy(logits, inputs.labels)[0])
+    total = combine(loss_sums(ce, inputs, (entropy, counted)), confidence_beta=2.0)["loss"]
+    total.backward()  # CE's in-place max subtraction must not break the CAP graph
+    assert ours.output_layer.weight.grad is not None
+    ours.zero_grad(set_to_none=True)

@@ -180,3 +180,21 @@ def schedule_loss(sums: LossSums, weighting: str):
     scale = NORMALIZER_FIXED_POINT[weighting]
     count = torch.round(sums.normalizer.detach() * scale).to(torch.int)
     return sums.loss * scale, count, {"diffusion": sums.stacked().detach()}
+
+
+def ce_and_confidence(logits: torch.Tensor, labels: torch.Tensor):
+    """Per-token vocab-parallel CE and the CAP ``(entropy, counted)`` from one logits tensor.
+
+    For the CAP term the model is called *without* ``labels`` (megatron then returns this TP
+    rank's vocabulary shard of the logits, ``[b, S, V/TP]``); CE uses megatron's
+    ``vocab_parallel_cross_entropy``, the same function ``GPTModel`` uses with ``labels=``.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    confidence = confidence_entropy(logits, labels, vocab_start, tp_group)
+    # megatron's CE subtracts the max from an fp32 input in place: give it its own copy
+    ce_input = logits.clone() if logits.dtype == torch.float32 else logits
+    ce = tensor_parallel.vocab_parallel_cross_entropy(ce_input, labels.clamp_min(0))
+    return ce, confidence

@@ -39,7 +39,10 @@ def _compiled_flex_attention():
     if _COMPILED_FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        # default dynamic=None: after a second sequence length (compacted rows vary) torch
+        # recompiles once with dynamic shapes instead of hitting the recompile limit and
+        # silently falling back to the unfused, O(S^2)-memory eager path
+        _COMPILED_FLEX = torch.compile(flex_attention)
     return _COMPILED_FLEX
 
 
