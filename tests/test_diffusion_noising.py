@@ -94,3 +94,15 @@ def test_prefix_aware_inputs_are_shorter_and_keep_every_label():
             sorted(full.labels[row][full.labels[row] != IGNORE_INDEX].tolist())
     assert compact.loss_weights.sum() == full.loss_weights.sum()
     assert compact.normalizer == full.normalizer
+
+
+def test_attention_mask_descriptor_is_one_tensor_per_micro_batch():
+    from megatron_uni.diffusion.layout import AttentionLayout
+
+    gen = torch.Generator().manual_seed(6)
+    vocab = tiny_vocab()
+    inputs = build_inputs(random_batch(gen, 2, 32, 4, vocab), vocab, DiffusionConfig(block_size=4), gen)
+    descriptor = inputs.attention_mask
+    assert inputs.attention_mask is descriptor and descriptor.dtype == torch.int32
+    back = AttentionLayout.from_descriptor(descriptor)
+    assert torch.equal(back.doc, inputs.layout.doc) and torch.equal(back.clean, inputs.layout.clean)

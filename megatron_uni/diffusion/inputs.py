@@ -59,11 +59,18 @@ class DiffusionInputs:
     modality: torch.Tensor      # [b, S] int8
     layout: AttentionLayout
     normalizer: torch.Tensor    # scalar float: this micro-batch's share of the loss denominator
+    _descriptor: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        """Layout descriptor ``[b, 3, S]`` for the block attention (see ``layout.py``)."""
-        return self.layout.descriptor()
+        """Layout descriptor ``[b, 3, S]`` for the block attention (see ``layout.py``).
+
+        Built once and returned again on later calls: the attention caches its BlockMask per
+        descriptor tensor, so one tensor per micro-batch means one mask build per micro-batch.
+        """
+        if self._descriptor is None:
+            self._descriptor = self.layout.descriptor()
+        return self._descriptor
 
     def dense_attention_mask(self) -> torch.Tensor:
         """Bool ``[b, 1, S, S]`` (True = masked out) for megatron's stock attention modules."""
