@@ -169,3 +169,45 @@ def test_ce_and_confidence_from_logits_match_the_model_loss(models):
     total.backward()  # CE's in-place max subtraction must not break the CAP graph
     assert ours.output_layer.weight.grad is not None
     ours.zero_grad(set_to_none=True)
+
+
+def test_mask_embedding_noise_hook_on_the_megatron_embedding(models):
+    from megatron_uni.diffusion.losses import mask_embedding_noise_hook
+
+    ours, _ = models
+    inputs, vocab = make_inputs(8)
+    step = [0]
+    handle = ours.embedding.register_forward_hook(
+        mask_embedding_noise_hook(vocab.mask_id, 1.0, 1, lambda: step[0]), with_kwargs=True)
+    try:
+        captured = []
+        probe = ours.embedding.register_forward_hook(lambda m, a, k, out: captured.append(out), with_kwargs=True)
+        with torch.no_grad():
+            noisy = ours(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
+            step[0] = 1
+            clean = ours(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
+        probe.remove()
+    finally:
+        handle.remove()
+    is_mask = (inputs.input_ids == vocab.mask_id).transpose(0, 1)       # [s, b]
+    changed = (captured[0] - captured[1]).abs().sum(-1) > 0
+    assert is_mask.any() and torch.equal(changed, is_mask)
+    assert (noisy - clean).abs().max() > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_path_in_the_model_matches_the_fallback(models, monkeypatch):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    ours, _ = models
+    inputs, _ = make_inputs(9, prefix_aware=True, length=128, prompt_blocks=4)
+    with torch.no_grad():
+        fallback = ours(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
+        # the GPU code path, run eagerly on CPU (forward only): cached BlockMask, GQA, scale
+        monkeypatch.setattr(block_attention, "FLEX_DEVICE_TYPES", ("cuda", "cpu"))
+        monkeypatch.setattr(block_attention, "_COMPILED_FLEX", flex_attention)
+        cache = block_attention.mask_cache()
+        builds = cache.builds
+        flex = ours(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
+    assert cache.builds == builds + 1          # one BlockMask for all 4 layers
+    torch.testing.assert_close(flex, fallback, atol=2e-5, rtol=2e-5)

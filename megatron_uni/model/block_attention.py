@@ -29,6 +29,9 @@ from megatron_uni.diffusion.masks import BlockMaskCache, allowed_rows
 
 # queries per SDPA call in the CPU fallback
 CPU_QUERY_CHUNK = 1024
+# device types that take the FlexAttention path (CPU has no FlexAttention backward in torch 2.13;
+# tests add "cpu" to run the path forward-only)
+FLEX_DEVICE_TYPES = ("cuda",)
 
 _MASK_CACHE = BlockMaskCache()
 _COMPILED_FLEX = None
@@ -92,7 +95,7 @@ class BlockDiffusionAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
     def _layout_attention(self, q, k, v, descriptor):
-        if q.is_cuda:
+        if q.device.type in FLEX_DEVICE_TYPES:
             flex = _compiled_flex_attention()
             return flex(q, k, v, block_mask=_MASK_CACHE.get(descriptor), scale=self.softmax_scale,
                         enable_gqa=q.shape[1] != k.shape[1])
