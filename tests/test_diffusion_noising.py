@@ -106,3 +106,14 @@ def test_attention_mask_descriptor_is_one_tensor_per_micro_batch():
     assert inputs.attention_mask is descriptor and descriptor.dtype == torch.int32
     back = AttentionLayout.from_descriptor(descriptor)
     assert torch.equal(back.doc, inputs.layout.doc) and torch.equal(back.clean, inputs.layout.clean)
+
+
+def test_documents_off_block_boundaries_are_refused():
+    import pytest
+
+    vocab = tiny_vocab()
+    batch = random_batch(torch.Generator().manual_seed(7), 1, 16, 4, vocab)
+    batch.doc_ids[0, :6] = 0
+    batch.doc_ids[0, 6:] = 1     # document 1 starts at position 6, block size 4
+    with pytest.raises(ValueError, match="document 1 of row 0 starts at position 6"):
+        build_inputs(batch, vocab, DiffusionConfig(block_size=4))

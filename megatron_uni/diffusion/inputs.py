@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 
 from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_SPECIAL, Batch
-from megatron_uni.diffusion.layout import FILLER_DOC, AttentionLayout, compact_rows, full_layout, kept_positions
+from megatron_uni.diffusion.layout import (FILLER_DOC, AttentionLayout, check_block_aligned, compact_rows, full_layout,
+                                          kept_positions)
 from megatron_uni.diffusion.masks import FLEX_TILE, dense_mask
 from megatron_uni.diffusion.noising import NoiseConfig, noise_batch
 from megatron_uni.tokens import Vocabulary
@@ -116,6 +117,7 @@ def token_weights(weighting: str, masked: torch.Tensor, maskable: torch.Tensor, 
 
 def build_inputs(batch: Batch, vocab: Vocabulary, cfg: DiffusionConfig,
                  generator: Optional[torch.Generator] = None) -> DiffusionInputs:
+    check_block_aligned(batch.doc_ids, cfg.block_size)
     noised = noise_batch(batch, vocab, cfg.noise, cfg.block_size, generator)
     clean = noised.batch
     weights, normalizer = token_weights(cfg.weighting, noised.masked, clean.maskable, noised.ratio, clean.doc_ids)

@@ -80,6 +80,20 @@ def block_index(seq_length: int, block_size: int, batch_size: int, device=None) 
     return blocks.unsqueeze(0).expand(batch_size, seq_length)
 
 
+def check_block_aligned(doc_ids: torch.Tensor, block_size: int) -> None:
+    """Documents must start on block boundaries (the Batch contract); name the first offender."""
+    changes = torch.ones_like(doc_ids, dtype=torch.bool)
+    changes[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = changes & (doc_ids >= 0)
+    positions = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    bad = starts & (positions % block_size != 0)
+    if bad.any():
+        row, pos = (int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"Batch.doc_ids: document {int(doc_ids[row, pos])} of row {row} starts at position "
+                         f"{pos}, not on a block boundary (block size {block_size}); the data pipeline must "
+                         "pad documents to a multiple of the block size")
+
+
 def full_layout(doc_ids: torch.Tensor, block_size: int) -> AttentionLayout:
     """The 2L layout ``[noisy | clean]`` of packed rows with document ids ``doc_ids`` ``[b, L]``."""
     b, length = doc_ids.shape
