@@ -149,20 +149,34 @@ def test_export_folder_files(converted):
     assert all(exported[n].dtype == torch.bfloat16 for n in exported if n not in bias)
 
 
-def _fp32_export(converted):
-    folder = str(converted["base"] / "tp1_hf_fp32")
-    if not os.path.isdir(folder):
-        done = run_tool("export_hf.py", [converted["tp1"]["root"], folder, "--dtype", "float32", "--no-progress"])
-        assert done.returncode == 0, done.stderr
-    return folder
+@pytest.fixture(scope="module")
+def uni_export(converted):
+    """The TP1 checkpoint exported in fp32 with a tokenizer and a base Uni folder to carry over."""
+    from megatron_uni.convert.exporter import CARRIED_DIRS
+    from megatron_uni.data.demo import build_demo_tokenizer
+
+    base_dir = converted["base"]
+    tokenizer_dir, base, out = base_dir / "tok", base_dir / "base", base_dir / "uni_fp32"
+    tokenizer_dir.mkdir()
+    build_demo_tokenizer(["a blue square in the top left"] * 4).save(str(tokenizer_dir / "tokenizer.json"))
+    (tokenizer_dir / "tokenizer_config.json").write_text("{}")
+    for sub in CARRIED_DIRS:
+        (base / sub).mkdir(parents=True)
+        (base / sub / "config.json").write_text(json.dumps({"folder": sub}))
+    (base / "modeling_llada2uni_moe.py").write_text("# remote code\n")
+    done = run_tool("export_hf.py", [converted["tp1"]["root"], str(out), "--dtype", "float32", "--tokenizer",
+                                     str(tokenizer_dir), "--base", str(base), "--no-progress"])
+    assert done.returncode == 0, done.stderr
+    return {"out": out, "tokenizer": tokenizer_dir, "base": base}
 
 
 @pytest.mark.parametrize("layout", ["tp1", "tp2_ep2"])
-def test_logits_parity_reference_vs_megatron(converted, layout):
+def test_logits_parity_reference_vs_megatron(converted, uni_export, layout):
+    """The reference on the exported (fp32) HF folder, every id and column, image rows included."""
     from megatron_uni.convert.hf_io import read_json
     from megatron_uni.convert.hf_reference import LLaDA2Reference
 
-    folder = _fp32_export(converted)
+    folder = str(uni_export["out"])
     reference = LLaDA2Reference(read_hf_folder(folder), read_json(os.path.join(folder, "config.json")))
     ids, positions, mask = batch()
     expected = reference(ids, positions, ~mask)
@@ -192,3 +206,20 @@ def test_dry_run_export_lists_and_writes_nothing(converted, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "would write" in done.stdout and "model-00001-of-00001.safetensors" in done.stdout
     assert not target.exists()
+
+
+def test_export_carries_tokenizer_and_base_folders(uni_export):
+    from megatron_uni.convert.exporter import CARRIED_DIRS
+    from megatron_uni.tokens import Vocabulary
+
+    out, tokenizer_dir = uni_export["out"], uni_export["tokenizer"]
+    for sub in CARRIED_DIRS:
+        assert json.loads((out / sub / "config.json").read_text()) == {"folder": sub}
+    assert (out / "modeling_llada2uni_moe.py").read_text() == "# remote code\n"
+    assert (out / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
+    assert (out / "tokenizer_config.json").exists()
+    vocabulary = Vocabulary.from_tokenizer_dir(str(tokenizer_dir), text_size=1024, num_image_codes=200)
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert config["pad_token_id"] == vocabulary.eos_id == generation["eos_token_id"]
+    assert generation["mask_token_id"] == vocabulary.mask_id
