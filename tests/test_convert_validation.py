@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from convert_helpers import run_tool, tiny_config
+from convert_helpers import TINY_OVERRIDES, run_tool, tiny_config
 from megatron_uni.convert import importer
 from megatron_uni.convert.exporter import _copies, check_checkpoint_tensors
 from megatron_uni.convert.hf_io import ConversionError, plan_shards, write_index, write_shard
@@ -51,7 +51,7 @@ def test_import_refuses_mismatched_config_via_cli(hf_dir, tmp_path):
     _edit_config(hf_dir, num_hidden_layers=5, num_experts=32)
     done = run_tool("convert_hf_to_megatron.py", [hf_dir, str(tmp_path / "ckpt"), "--dry-run", "--recipe",
                                                   os.path.join("recipes", "model", "tiny.yaml"), "--override",
-                                                  *__import__("convert_helpers").TINY_OVERRIDES])
+                                                  *TINY_OVERRIDES])
     assert done.returncode == 2
     assert "num_hidden_layers=5 but model.num_layers=4" in done.stderr
     assert "num_experts=32 but model.num_experts=16" in done.stderr
@@ -82,7 +82,7 @@ def test_import_refuses_wrong_shape(hf_dir):
         importer.dry_run_report(hf_dir, tiny_config().model)
 
 
-def test_import_dry_run_lists_checkpoint_keys(hf_dir, tmp_path):
+def test_import_dry_run_lists_checkpoint_keys(hf_dir):
     lines = importer.dry_run_report(hf_dir, tiny_config().model)
     assert "HF vocab rows 1024 -> model vocab 1280" in lines[0]
     assert "write decoder.layers.1.mlp.experts.experts.linear_fc1.weight [16, 64, 64]" in lines
