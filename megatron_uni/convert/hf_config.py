@@ -51,8 +51,20 @@ def _num_shared_experts(model_cfg) -> int:
     return shared // model_cfg.moe_ffn_hidden_size
 
 
+def with_derived_defaults(hf: Dict[str, Any]) -> Dict[str, Any]:
+    """Fill keys older LLaDA2 configs leave to the config class: ``head_dim`` = hidden / heads,
+    ``partial_rotary_factor`` = ``rotary_dim`` / ``head_dim``."""
+    hf = dict(hf)
+    if "head_dim" not in hf and "hidden_size" in hf and "num_attention_heads" in hf:
+        hf["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
+    if "partial_rotary_factor" not in hf and "rotary_dim" in hf and hf.get("head_dim"):
+        hf["partial_rotary_factor"] = hf["rotary_dim"] / hf["head_dim"]
+    return hf
+
+
 def check_hf_config(hf: Dict[str, Any], model_cfg, source: str) -> int:
     """Refuse a config that does not describe ``model_cfg``; returns the HF vocabulary rows."""
+    hf = with_derived_defaults(hf)
     problems = []
     for key, (getter, field) in FIELDS.items():
         if key not in hf:

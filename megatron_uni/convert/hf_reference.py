@@ -17,6 +17,8 @@ from typing import Dict, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_uni.convert.hf_config import with_derived_defaults
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
@@ -61,10 +63,10 @@ class LLaDA2Reference:
         for name, tensor in weights.items():
             if name.endswith("gate.expert_bias"):
                 self.w[name] = tensor.float()
-        self.c = dict(config)
+        self.c = with_derived_defaults(config)
         self.heads = self.c["num_attention_heads"]
         self.kv_heads = self.c["num_key_value_heads"]
-        self.head_dim = self.c.get("head_dim") or self.c["hidden_size"] // self.heads
+        self.head_dim = self.c["head_dim"]
         self.rotary_dim = int(self.head_dim * self.c.get("partial_rotary_factor", 1.0))
         self.eps = self.c["rms_norm_eps"]
 
