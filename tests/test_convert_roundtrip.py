@@ -205,6 +205,7 @@ def test_dry_run_export_lists_and_writes_nothing(converted, tmp_path):
     done = run_tool("export_hf.py", [converted["tp1"]["root"], str(target), "--dry-run"])
     assert done.returncode == 0, done.stderr
     assert "would write" in done.stdout and "model-00001-of-00001.safetensors" in done.stdout
+    assert "warning: no special token ids" in done.stdout  # imported without --tokenizer
     assert not target.exists()
 
 

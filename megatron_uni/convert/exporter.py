@@ -47,6 +47,9 @@ class ExportPlan:
         for shard in self.shards:
             lines.append(f"{shard.file}: {len(shard.names)} tensors, {shard.nbytes / 2 ** 20:.1f} MiB")
         lines += [f"{CONFIG_FILE}, generation_config.json, model.safetensors.index.json"]
+        if "eos" not in self.special_ids:
+            lines.append("warning: no special token ids in the checkpoint's vocabulary; pass --tokenizer to set "
+                         "pad_token_id / eos_token_id / mask_token_id")
         lines += [f"copy {src} -> {name}" for src, name in self.copies]
         return lines
 
