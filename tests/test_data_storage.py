@@ -126,3 +126,18 @@ def test_loader_resume_and_dp_sharding(demo):
     ranks = [next(loader(root, vocab, rank=r, world=2, split=True)).tokens for r in range(2)]
     single = loader(root, vocab, split=True)
     assert (single.rows([0, 1, 2, 3]).tokens == np.concatenate([t.numpy() for t in ranks])).all()
+
+
+def test_open_training_data_from_recipe_sections(demo):
+    from megatron_uni.config import load_config
+    from megatron_uni.data.loader import open_training_data
+    root, _, _ = demo
+    cfg = load_config(None, [f"data.path={root / 'ds' / 'demo'}", f"data.tokenizer={root / 'tokenizer'}",
+                             "data.seq_length=128", "data.block_size=16", "model.text_vocab=1024",
+                             "model.num_image_codes=256"])
+    batch = next(open_training_data(cfg.data, cfg.model))
+    assert batch.tokens.shape == (cfg.data.micro_batch_size, 128)
+    assert int(batch.tokens.max()) < 1280
+    cfg.data.tokenizer = None
+    with pytest.raises(ValueError, match="data.tokenizer must be set"):
+        open_training_data(cfg.data, cfg.model)

@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from megatron_uni.data.batch import BATCH_FIELDS, Batch
-from megatron_uni.data.blend import BlendEntry, blended_documents
+from megatron_uni.data.blend import BlendEntry, blended_documents, load_blend
 from megatron_uni.data.packing import PackingSettings, PackingStats, materialize_row, plan_rows
 from megatron_uni.data.sampler import ResumableSampler, RowPlan
 from megatron_uni.data.storage import SampleDataset
@@ -80,3 +80,25 @@ class PackedBatchLoader:
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.sampler.load_state_dict(state)
+
+
+def blend_from_path(path: str, stage: Optional[str] = None) -> List[BlendEntry]:
+    """A blend YAML file (``.yaml``/``.yml``) or a single dataset prefix (weight 1)."""
+    if path.endswith((".yaml", ".yml")):
+        return load_blend(path, stage)
+    return [BlendEntry(path, 1.0)]
+
+
+def open_training_data(data_cfg, model_cfg, dp_rank: int = 0, dp_world: int = 1,
+                       stage: Optional[str] = None, split_samples: bool = False,
+                       overlong: str = "drop") -> PackedBatchLoader:
+    """Loader from the recipe's ``data`` section (path, tokenizer, seq_length, block_size,
+    micro_batch_size, seed) and ``model`` section (text_vocab, num_image_codes)."""
+    if not data_cfg.path or not data_cfg.tokenizer:
+        raise ValueError("data.path and data.tokenizer must be set to read a stored dataset "
+                         "(build one with tools/build_dataset.py)")
+    vocab = Vocabulary.from_tokenizer_dir(data_cfg.tokenizer, text_size=model_cfg.text_vocab,
+                                          num_image_codes=model_cfg.num_image_codes)
+    packing = PackingSettings(data_cfg.seq_length, data_cfg.block_size, split_samples, overlong)
+    return PackedBatchLoader.open(blend_from_path(data_cfg.path, stage), vocab, packing,
+                                  data_cfg.micro_batch_size, data_cfg.seed, dp_rank, dp_world)
