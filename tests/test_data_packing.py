@@ -90,3 +90,13 @@ def test_settings_validated():
         PackingSettings(seq_length=60, block_size=8)
     with pytest.raises(ValueError, match="overlong policy"):
         PackingSettings(seq_length=64, block_size=8, overlong="wrap")
+
+
+def test_lookahead_fills_rows_and_places_every_document_once():
+    lengths = [40, 40, 24, 24, 16, 8, 40]
+    in_order, strict, _ = plan(lengths)
+    rows, stats, settings = plan(lengths, lookahead=4)
+    assert [[s.ref for s in r] for r in rows] == [[0, 2], [1, 3], [4, 5, 6]]  # all full
+    assert sorted(s.ref for r in rows for s in r) == list(range(len(lengths)))
+    assert all(sum(settings.padded(s.end - s.start) for s in r) <= 64 for r in rows)
+    assert len(rows) == 3 < len(in_order) == 4 and stats.efficiency == 1.0 > strict.efficiency

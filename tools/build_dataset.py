@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-length", type=int, default=None,
                    help="also report packing efficiency for this row length (and --block-size)")
     p.add_argument("--block-size", type=int, default=32, help="diffusion block size for the packing report")
+    p.add_argument("--lookahead", type=int, default=1,
+                   help="packing report: fill each row with the first fitting of the next N samples")
     return p.parse_args(argv)
 
 
@@ -52,16 +54,18 @@ def main(argv=None) -> int:
           f"{report.bad_total} bad samples" + (f" by field {report.bad}, listed in {args.output}.errors.txt"
                                                if report.bad_total else ""))
     if args.seq_length:
-        print("packing (one pass, no split):", packing_report(args.output, args.seq_length, args.block_size))
+        print("packing (one pass, no split):",
+              packing_report(args.output, args.seq_length, args.block_size, args.lookahead))
     return 0 if report.written else 1
 
 
-def packing_report(prefix: str, seq_length: int, block_size: int) -> str:
+def packing_report(prefix: str, seq_length: int, block_size: int, lookahead: int = 1) -> str:
     from megatron_uni.data.storage import SampleDataset
 
     lengths = SampleDataset(prefix).lengths
     stats = PackingStats()
-    for _ in plan_rows(((i, int(n)) for i, n in enumerate(lengths)), PackingSettings(seq_length, block_size), stats):
+    settings = PackingSettings(seq_length, block_size, lookahead=lookahead)
+    for _ in plan_rows(((i, int(n)) for i, n in enumerate(lengths)), settings, stats):
         pass
     return stats.summary()
 

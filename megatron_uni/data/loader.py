@@ -91,7 +91,7 @@ def blend_from_path(path: str, stage: Optional[str] = None) -> List[BlendEntry]:
 
 def open_training_data(data_cfg, model_cfg, dp_rank: int = 0, dp_world: int = 1,
                        stage: Optional[str] = None, split_samples: bool = False,
-                       overlong: str = "drop") -> PackedBatchLoader:
+                       overlong: str = "drop", lookahead: int = 1) -> PackedBatchLoader:
     """Loader from the recipe's ``data`` section (path, tokenizer, seq_length, block_size,
     micro_batch_size, seed) and ``model`` section (text_vocab, num_image_codes)."""
     if not data_cfg.path or not data_cfg.tokenizer:
@@ -99,6 +99,6 @@ def open_training_data(data_cfg, model_cfg, dp_rank: int = 0, dp_world: int = 1,
                          "(build one with tools/build_dataset.py)")
     vocab = Vocabulary.from_tokenizer_dir(data_cfg.tokenizer, text_size=model_cfg.text_vocab,
                                           num_image_codes=model_cfg.num_image_codes)
-    packing = PackingSettings(data_cfg.seq_length, data_cfg.block_size, split_samples, overlong)
+    packing = PackingSettings(data_cfg.seq_length, data_cfg.block_size, split_samples, overlong, lookahead)
     return PackedBatchLoader.open(blend_from_path(data_cfg.path, stage), vocab, packing,
                                   data_cfg.micro_batch_size, data_cfg.seed, dp_rank, dp_world)

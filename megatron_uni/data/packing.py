@@ -29,8 +29,11 @@ class PackingSettings:
     block_size: int
     split_samples: bool = False
     overlong: str = "drop"
+    lookahead: int = 1  # without split: fill a row with the first fitting of the next N documents
 
     def __post_init__(self) -> None:
+        if self.lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1, got {self.lookahead}")
         if self.block_size <= 0 or self.seq_length % self.block_size:
             raise ValueError(f"seq_length {self.seq_length} must be a positive multiple of block_size {self.block_size}")
         if self.overlong not in OVERLONG_POLICIES:
@@ -75,6 +78,9 @@ class PackingStats:
 def plan_rows(documents: Iterator[Tuple[Hashable, int]], settings: PackingSettings,
               stats: PackingStats) -> Iterator[List[Segment]]:
     """Greedy in-order packing of ``(ref, length)`` documents into rows of segments."""
+    if not settings.split_samples:
+        yield from _plan_whole(documents, settings, stats)
+        return
     row: List[Segment] = []
     used = 0
     for ref, length in documents:
@@ -97,6 +103,43 @@ def plan_rows(documents: Iterator[Tuple[Hashable, int]], settings: PackingSettin
             if used == settings.seq_length or (start < length and need > room):
                 yield _close_row(row, used, settings, stats)
                 row, used = [], 0
+    if row:
+        yield _close_row(row, used, settings, stats)
+
+
+def _plan_whole(documents: Iterator[Tuple[Hashable, int]], settings: PackingSettings,
+                stats: PackingStats) -> Iterator[List[Segment]]:
+    """Never split: each row takes, in turn, the first of the next ``lookahead`` documents that
+    fits the room left (lookahead 1 = strictly in order); a row closes when none fits."""
+    pending: List[Tuple[Hashable, int]] = []
+    documents = iter(documents)
+    row: List[Segment] = []
+    used = 0
+    exhausted = False
+    while True:
+        while not exhausted and len(pending) < settings.lookahead:
+            ref, length = next(documents, (None, -1))
+            if length < 0:
+                exhausted = True
+                continue
+            kept = _apply_overlong(length, settings, stats)
+            if kept:
+                pending.append((ref, kept))
+        if not pending:
+            break
+        room = settings.seq_length - used
+        pick = next((i for i, (_, n) in enumerate(pending) if settings.padded(n) <= room), None)
+        if pick is None:
+            yield _close_row(row, used, settings, stats)
+            row, used = [], 0
+            continue
+        ref, length = pending.pop(pick)
+        row.append(Segment(ref, 0, length))
+        used += settings.padded(length)
+        stats.documents += 1
+        if used == settings.seq_length:
+            yield _close_row(row, used, settings, stats)
+            row, used = [], 0
     if row:
         yield _close_row(row, used, settings, stats)
 
