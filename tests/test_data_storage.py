@@ -141,3 +141,12 @@ def test_open_training_data_from_recipe_sections(demo):
     cfg.data.tokenizer = None
     with pytest.raises(ValueError, match="data.tokenizer must be set"):
         open_training_data(cfg.data, cfg.model)
+
+
+def test_demo_manifest_lists_every_image_key(demo):
+    import json
+    root, _, _ = demo
+    manifest = [json.loads(line) for line in open(root / "images.jsonl")]
+    codes = json.load(open(root / "image_codes.json"))
+    assert [m["key"] for m in manifest] == list(codes)
+    assert all((root / m["image"]).is_file() for m in manifest)

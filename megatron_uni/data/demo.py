@@ -8,6 +8,7 @@
     tokenizer/tokenizer.json byte-level BPE trained on the demo text; TEXT vocabulary of exactly
                              1024 ids (specials and size tokens included, topped up with
                              further <|reserved_token_N|>) = the tiny recipe's text_vocab
+    images.jsonl             image manifest (path + key) for tools/tokenize_images.py
     image_codes.json         fallback image codes (see :func:`fallback_codes`) until the
                              SigLIP-VQ tool has written real ones
 """
@@ -209,6 +210,8 @@ def make_demo_data(out_dir: str, num_scenes: int = 48, num_paragraphs: int = 64,
             f.write(json.dumps(samples[j]) + "\n")
     with open(os.path.join(out_dir, "image_codes.json"), "w") as f:
         json.dump(codes, f)
+    with open(os.path.join(out_dir, "images.jsonl"), "w") as f:  # manifest for tools/tokenize_images.py
+        f.writelines(json.dumps({"image": f"images/{key}.png", "key": key}) + "\n" for key in codes)
     tokenizer_dir = os.path.join(out_dir, "tokenizer")
     os.makedirs(tokenizer_dir, exist_ok=True)
     texts += [json.dumps(s) for s in samples]  # prompts, instructions, chat turns
