@@ -108,8 +108,21 @@ class ScheduleConfig:
     train_iters: int = 10
     warmup_iters: int = 2
     decay_style: str = "cosine"            # constant | linear | cosine
-    mask_ratio_min: float = 0.3
-    mask_ratio_max: float = 0.8
+
+
+@dataclasses.dataclass
+class DiffusionSection:
+    """Block-diffusion objective (see docs/diffusion.md); block size lives in ``data.block_size``."""
+
+    t_min: float = 0.3                     # mask-ratio bandwidth (SFT 0.3-0.8; pretraining ~[1e-3, 1])
+    t_max: float = 0.8
+    per_block: bool = False
+    antithetic: bool = False
+    complementary: bool = False
+    weighting: str = "mean"                # mean | elbo | sqrt_masked
+    prefix_aware: bool = False
+    mask_noise_std: float = 0.0            # Gaussian noise on mask-token embeddings ...
+    mask_noise_steps: int = 0              # ... for the first N steps (LLaDA2 stability fix)
 
 
 @dataclasses.dataclass
@@ -133,6 +146,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    diffusion: DiffusionSection = dataclasses.field(default_factory=DiffusionSection)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
@@ -295,6 +309,10 @@ def validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:
         _require(p.pipeline > 1, "parallel.virtual_pipeline needs parallel.pipeline > 1")
     if p.sequence_parallel:
         _require(p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
+    if p.tensor > 1 and m.num_experts and m.first_k_dense < m.num_layers:
+        # megatron-core's MoELayer refuses TP without SP in training
+        _require(p.sequence_parallel, f"parallel.sequence_parallel must be true with parallel.tensor={p.tensor} "
+                                      f"for an MoE model (megatron-core MoE layers require it under TP)")
     if p.world_size is not None:
         model_parallel = p.tensor * p.pipeline * p.context
         _require(p.world_size % model_parallel == 0,
@@ -315,10 +333,11 @@ def validate(cfg: Config) -> None:
     _require(d.global_batch_size % d.micro_batch_size == 0,
              f"data.global_batch_size={d.global_batch_size} must be divisible by "
              f"data.micro_batch_size={d.micro_batch_size}")
-    s = cfg.schedule
-    _require(0.0 <= s.mask_ratio_min <= s.mask_ratio_max <= 1.0,
-             f"schedule.mask_ratio_min={s.mask_ratio_min} / mask_ratio_max={s.mask_ratio_max} must satisfy "
-             f"0 <= min <= max <= 1")
+    s, df = cfg.schedule, cfg.diffusion
+    _require(0.0 <= df.t_min <= df.t_max <= 1.0,
+             f"diffusion.t_min={df.t_min} / diffusion.t_max={df.t_max} must satisfy 0 <= t_min <= t_max <= 1")
+    _require(df.weighting in ("mean", "elbo", "sqrt_masked"),
+             f"diffusion.weighting={df.weighting!r} must be mean, elbo or sqrt_masked")
     _require(s.decay_style in ("constant", "linear", "cosine"),
              f"schedule.decay_style={s.decay_style!r} must be constant, linear or cosine")
 

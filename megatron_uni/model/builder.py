@@ -8,6 +8,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_uni.config import ModelConfig, ParallelConfig
+from megatron_uni.model.position_rope import use_position_ids_for_rope
 from megatron_uni.model.spec import decoder_block_spec
 from megatron_uni.model.transformer_config import build_transformer_config, use_transformer_engine
 
@@ -23,7 +24,7 @@ def build_model(model_cfg: ModelConfig, parallel: Optional[ParallelConfig] = Non
     parallel = parallel or ParallelConfig()
     config = build_transformer_config(model_cfg, parallel)
     spec = decoder_block_spec(config, use_transformer_engine(model_cfg), vp_stage, core_attention)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=model_cfg.vocab,
@@ -36,6 +37,10 @@ def build_model(model_cfg: ModelConfig, parallel: Optional[ParallelConfig] = Non
         rotary_base=model_cfg.rotary_base,
         vp_stage=vp_stage,
     )
+    # Both BDLM copies share positions 0..L-1 and packed documents restart at 0: RoPE must follow
+    # position_ids, which megatron-core 0.16.1's GPTModel ignores (it rotates by row index).
+    use_position_ids_for_rope(model)
+    return model
 
 
 def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, core_attention=None) -> List[GPTModel]:

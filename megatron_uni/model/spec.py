@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -24,8 +25,21 @@ def decoder_block_spec(config: TransformerConfig, use_te: bool, vp_stage: Option
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
                                        vp_stage=vp_stage)
     # megatron's specs share one ModuleSpec object between layers; copy before editing.
-    block.layer_specs = [_bidirectional(copy.deepcopy(spec), core_attention) for spec in block.layer_specs]
+    block.layer_specs = [_same_keys_as_te(_bidirectional(copy.deepcopy(spec), core_attention))
+                         for spec in block.layer_specs]
     return block
+
+
+def _same_keys_as_te(layer: ModuleSpec) -> ModuleSpec:
+    """Checkpoint keys independent of TE: the TE spec cannot fuse the pre-MLP norm into an MoE
+    layer and saves it as ``pre_mlp_layernorm.weight``, while megatron's local spec renames it
+    to ``mlp.linear_fc1.layer_norm_weight`` for every layer. Keep the rename for dense layers
+    only (where TE fuses it too), so CPU-saved checkpoints load into TE models and back."""
+    keys_map = dict(layer.submodules.sharded_state_dict_keys_map or {})
+    if layer.submodules.mlp.module is MoELayer and "pre_mlp_layernorm." in keys_map:
+        del keys_map["pre_mlp_layernorm."]
+        layer.submodules.sharded_state_dict_keys_map = keys_map
+    return layer
 
 
 def _bidirectional(layer: ModuleSpec, core_attention) -> ModuleSpec:

@@ -1,0 +1,110 @@
+"""``megatron-uni``: the command line of megatron_uni.
+
+    megatron-uni info  RECIPE [section.key=value ...]   resolved config, parameter counts, layout
+    megatron-uni train RECIPE [section.key=value ...]   train (single process, torchrun, srun, mpirun)
+
+Recipes are YAML files (see recipes/); overrides use dotted keys, e.g. ``optimizer.lr=1e-4``.
+The offline tools (dataset building, image tokenization, HF conversion, benchmarks) live in
+``tools/``: each has ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from typing import List, Optional
+
+from megatron_uni.config import Config, ConfigError, data_parallel_size, load_config
+
+
+def _format_count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+
+def describe(cfg: Config) -> str:
+    from megatron_uni.model.params import count_parameters
+
+    counts = count_parameters(cfg.model)
+    p = cfg.parallel
+    lines = [
+        "resolved config:",
+        json.dumps(cfg.to_dict(), indent=2, sort_keys=False),
+        f"parameters: {_format_count(counts.total)} total / {_format_count(counts.active)} active "
+        f"({counts.total:,} / {counts.active:,})",
+        f"  embeddings (input + output) {counts.embedding:,}; attention {counts.attention:,}; "
+        f"dense FFN {counts.dense_mlp:,}; routed experts {counts.experts:,}",
+        f"parallel layout: TP {p.tensor} x PP {p.pipeline}"
+        + (f" (VPP {p.virtual_pipeline})" if p.virtual_pipeline else "")
+        + f" x CP {p.context}; EP {p.expert} (expert-TP {p.expert_tensor}); SP {p.sequence_parallel}; "
+        + f"distributed optimizer {p.distributed_optimizer}",
+    ]
+    if p.world_size:
+        lines.append(f"  world size {p.world_size} -> data parallel {data_parallel_size(p)}")
+    else:
+        lines.append("  world size: taken from the launcher (set parallel.world_size=N to check a layout)")
+    return "\n".join(lines)
+
+
+def cmd_info(args) -> int:
+    cfg = load_config(args.recipe, args.overrides)
+    print(describe(cfg))
+    return 0
+
+
+def _quiet_megatron(level: str) -> None:
+    """Our log at ``logging.level``; megatron-core's INFO chatter (every param name) only at DEBUG."""
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    if level != "DEBUG":
+        logging.getLogger("megatron.core").setLevel(logging.WARNING)
+        # expected on CPU: we never install apex, and TE is the GPU extra
+        warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(args.recipe, args.overrides)
+    _quiet_megatron(cfg.logging.level)
+    from megatron_uni.platform.distributed import destroy, is_rank0
+    from megatron_uni.training import loop
+    from megatron_uni.training.batches import MicrobatchSource, load_vocabulary
+
+    vocab = load_vocabulary(cfg)
+    source = MicrobatchSource(cfg, vocab)
+    state = loop.setup(cfg, mask_id=vocab.mask_id)
+    if is_rank0():
+        print(f"training {args.recipe}: {cfg.schedule.train_iters} iterations from iteration {state.iteration}, "
+              f"world size {cfg.parallel.world_size}", flush=True)
+    loop.run(state, source, source.model_seq_length, vocabulary=vocab.describe(),
+             log_fn=lambda line: print(line, flush=True))
+    destroy()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-uni", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_text in (
+        ("info", cmd_info, "print the resolved config, parameter counts (total/active) and the parallel layout"),
+        ("train", cmd_train, "train with a recipe; resumes from checkpoint.save when it holds a checkpoint"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("recipe", help="YAML recipe (e.g. recipes/model/llada2_uni_16b.yaml)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides section.key=value (e.g. optimizer.lr=1e-4)")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"megatron-uni: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

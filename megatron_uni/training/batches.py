@@ -1,0 +1,72 @@
+"""Micro-batches for the loop: stored data -> packed ``Batch`` -> BDLM ``DiffusionInputs``.
+
+Stateless by design: the packed row sequence is a pure function of (datasets, weights, seed), so
+micro-batch ``index`` of ``iteration`` on data-parallel rank ``dp_rank`` reads rows
+``iteration * global_batch + (index * dp_size + dp_rank) * micro_batch ...`` and its noise comes
+from a generator seeded by (seed, iteration, index, dp_rank). Every TP/PP rank of a replica thus
+builds the identical micro-batch, and resuming needs nothing but the iteration.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+
+from megatron_uni.config import Config
+from megatron_uni.data.blend import BlendEntry, load_blend
+from megatron_uni.data.loader import PackedBatchLoader
+from megatron_uni.data.packing import PackingSettings
+from megatron_uni.diffusion.inputs import DiffusionConfig, DiffusionInputs, build_inputs
+from megatron_uni.diffusion.noising import NoiseConfig
+from megatron_uni.tokens import Vocabulary
+
+
+def load_vocabulary(cfg: Config) -> Vocabulary:
+    if not cfg.data.tokenizer:
+        raise ValueError("data.tokenizer must name a directory holding tokenizer.json")
+    return Vocabulary.from_tokenizer_dir(cfg.data.tokenizer, text_size=cfg.model.text_vocab,
+                                         num_image_codes=cfg.model.num_image_codes)
+
+
+def blend_entries(path: str) -> List[BlendEntry]:
+    """``data.path`` is a blend YAML file or a single dataset prefix (``.bin``/``.idx`` pair)."""
+    if path.endswith((".yaml", ".yml")):
+        return load_blend(path)
+    return [BlendEntry(path=path, weight=1.0)]
+
+
+def diffusion_config(cfg: Config) -> DiffusionConfig:
+    d = cfg.diffusion
+    noise = NoiseConfig(t_min=d.t_min, t_max=d.t_max, per_block=d.per_block, antithetic=d.antithetic,
+                        complementary=d.complementary)
+    return DiffusionConfig(block_size=cfg.data.block_size, noise=noise, weighting=d.weighting,
+                           prefix_aware=d.prefix_aware)
+
+
+class MicrobatchSource:
+    def __init__(self, cfg: Config, vocab: Vocabulary) -> None:
+        if not cfg.data.path:
+            raise ValueError("data.path must name a dataset prefix or a blend YAML (see `make demo`)")
+        if not cfg.data.path.endswith((".yaml", ".yml")) and not os.path.isfile(cfg.data.path + ".idx"):
+            raise FileNotFoundError(f"data.path={cfg.data.path!r}: no {cfg.data.path}.idx (build it with "
+                                    f"tools/build_dataset.py)")
+        self.cfg, self.vocab = cfg, vocab
+        packing = PackingSettings(seq_length=cfg.data.seq_length, block_size=cfg.data.block_size)
+        self.loader = PackedBatchLoader.open(blend_entries(cfg.data.path), vocab, packing,
+                                             micro_batch_size=cfg.data.micro_batch_size, seed=cfg.data.seed)
+        self.diffusion = diffusion_config(cfg)
+
+    def __call__(self, iteration: int, index: int, dp_rank: int, dp_size: int) -> DiffusionInputs:
+        mbs = self.cfg.data.micro_batch_size
+        first = iteration * self.cfg.data.global_batch_size + (index * dp_size + dp_rank) * mbs
+        batch = self.loader.rows(list(range(first, first + mbs)))
+        generator = torch.Generator().manual_seed(
+            hash((self.cfg.data.seed, iteration, index, dp_rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return build_inputs(batch, self.vocab, self.diffusion, generator)
+
+    @property
+    def model_seq_length(self) -> int:
+        """Sequence length the model sees: 2L for the full ``[noisy | clean]`` layout."""
+        return 2 * self.cfg.data.seq_length

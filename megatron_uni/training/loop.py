@@ -1,0 +1,237 @@
+"""The training loop: megatron-core schedules, DDP, optimizer, checkpoints, per-step log.
+
+Resumes from ``checkpoint.load`` (or from ``checkpoint.save`` when it already holds a ``latest``),
+saves every ``checkpoint.save_interval`` iterations and at the end, and on SIGTERM/SIGUSR1 (Slurm's
+pre-emption warning) saves at the end of the current step and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_uni import checkpoint
+from megatron_uni.config import Config, data_parallel_size, validate_world_size
+from megatron_uni.model.builder import build_model_chunks
+from megatron_uni.platform.cpu import cpu_optimizer_scope
+from megatron_uni.platform.distributed import init_distributed, is_rank0
+from megatron_uni.training.optim import build_optimizer, build_scheduler
+from megatron_uni.diffusion.losses import LossSums, combine, mask_embedding_noise_hook
+from megatron_uni.model.block_attention import block_attention_spec
+from megatron_uni.training.step import make_forward_step
+
+log = logging.getLogger("megatron_uni.train")
+
+# (iteration, microbatch index, dp_rank, dp_size) -> DiffusionInputs of one micro-batch
+MicrobatchFn = Callable[[int, int, int, int], object]
+
+
+@dataclasses.dataclass
+class TrainState:
+    cfg: Config
+    model: List[torch.nn.Module]
+    optimizer: object
+    scheduler: object
+    iteration: int = 0
+    losses: List[float] = dataclasses.field(default_factory=list)
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGUSR1; checked once per step on every rank (all-reduced)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. under some test runners)
+                pass
+
+    def _handler(self, signum, frame) -> None:
+        self.raised = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1 if self.raised else 0], dtype=torch.int)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def wrap_ddp(cfg: Config, chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Module]:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                               disable_bucketing=i > 0))
+    config = chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    for chunk in chunks:
+        chunk.config.calculate_per_token_loss = True
+        # the prefix-aware layout compacts each micro-batch to its own length
+        chunk.config.variable_seq_lengths = cfg.diffusion.prefix_aware and cfg.parallel.pipeline > 1
+    return wrapped
+
+
+def setup(cfg: Config, mask_id: Optional[int] = None) -> TrainState:
+    """Distributed init, model (block-diffusion attention), DDP, optimizer, scheduler, resume."""
+    launch = init_distributed(cfg.parallel, seed=cfg.data.seed)
+    validate_world_size(cfg, launch.world_size)
+    cfg.parallel.world_size = launch.world_size
+    chunks = build_model_chunks(cfg.model, cfg.parallel, block_attention_spec())
+    if cfg.diffusion.mask_noise_steps and mask_id is not None and chunks[0].pre_process:
+        hook = mask_embedding_noise_hook(mask_id, cfg.diffusion.mask_noise_std, cfg.diffusion.mask_noise_steps)
+        chunks[0].embedding.register_forward_hook(hook, with_kwargs=True)
+    chunks = wrap_ddp(cfg, chunks)
+    optimizer = build_optimizer(cfg, chunks)
+    scheduler = build_scheduler(cfg, optimizer)
+    state = TrainState(cfg=cfg, model=chunks, optimizer=optimizer, scheduler=scheduler)
+    resume_from = cfg.checkpoint.load or (cfg.checkpoint.save if cfg.checkpoint.save and
+                                          checkpoint.latest_iteration_dir(cfg.checkpoint.save) else None)
+    if resume_from:
+        load(state, resume_from, finetune=cfg.checkpoint.finetune and resume_from == cfg.checkpoint.load)
+    return state
+
+
+def _optimizer_sharded(state: TrainState, model_sd=None) -> Dict:
+    model_sd = model_sd if model_sd is not None else checkpoint.model_sharded_state_dict(state.model)
+    with cpu_optimizer_scope():
+        return {"optimizer": state.optimizer.sharded_state_dict(
+            model_sd, metadata={"distrib_optim_sharding_type": "dp_reshardable"})}
+
+
+def save(state: TrainState, vocabulary: Optional[dict] = None) -> str:
+    cfg = state.cfg
+    return checkpoint.save_checkpoint(
+        cfg.checkpoint.save, state.iteration, state.model, cfg.model, vocabulary, cfg.parallel,
+        extra_sharded=_optimizer_sharded(state),
+        extra_metadata={"scheduler": state.scheduler.state_dict(), "config": cfg.to_dict()},
+    )
+
+
+def load(state: TrainState, path: str, finetune: bool = False) -> None:
+    if finetune:
+        checkpoint.load_checkpoint(path, state.model, state.cfg.model)
+        return
+    metadata = checkpoint.read_metadata(path)
+    extra = _optimizer_sharded(state) if "optimizer" in metadata.get("extra_keys", []) else None
+    metadata = checkpoint.load_checkpoint(path, state.model, state.cfg.model, extra_sharded=extra)
+    if extra:
+        with torch.no_grad(), cpu_optimizer_scope():
+            state.optimizer.load_state_dict(metadata["loaded_extra"]["optimizer"])
+    if metadata.get("scheduler"):
+        state.scheduler.load_state_dict(metadata["scheduler"])
+    state.iteration = metadata["iteration"]
+    if is_rank0():
+        log.info("resumed from %s at iteration %d", metadata["iteration_dir"], state.iteration)
+
+
+def num_microbatches(cfg: Config) -> int:
+    return cfg.data.global_batch_size // (cfg.data.micro_batch_size * data_parallel_size(cfg.parallel))
+
+
+def _microbatch_iterators(state: TrainState, make_microbatch: MicrobatchFn) -> List[Iterator]:
+    """One iterator per model chunk, each yielding the same micro-batches of this step."""
+    cfg = state.cfg
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    count = num_microbatches(cfg)
+
+    def iterator():
+        for index in range(count):
+            yield make_microbatch(state.iteration, index, dp_rank, dp_size)
+
+    return [iterator() for _ in state.model]
+
+
+def _global_losses(reports: Sequence[Dict]) -> Dict[str, float]:
+    """This step's loss (and text/image split) over all micro-batches and DP ranks, on every rank.
+
+    Only the last pipeline stage has reports, and TP ranks hold copies: rank (tp 0, last stage)
+    of each DP replica contributes its sums and one all-reduce over the world adds them up.
+    """
+    total = torch.zeros(len(LossSums.__dataclass_fields__))
+    contributes = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+        parallel_state.get_tensor_model_parallel_rank() == 0
+    if contributes:
+        for report in reports:
+            total += report["diffusion"].float()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    sums = LossSums.from_stacked(total)
+    losses = {k: float(v) for k, v in combine(sums).items()}
+    for split in ("text", "image"):
+        if float(getattr(sums, f"{split}_weight")) == 0.0:
+            losses[f"{split}_loss"] = float("nan")  # no such targets in this step: not a zero loss
+    return losses
+
+
+def train_step(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int) -> Dict[str, float]:
+    cfg = state.cfg
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    forward_backward = get_forward_backward_func()
+    iterators = _microbatch_iterators(state, make_microbatch)
+    reports = forward_backward(
+        forward_step_func=make_forward_step(cfg.diffusion.weighting),
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=state.model,
+        num_microbatches=num_microbatches(cfg),
+        seq_length=seq_length,
+        micro_batch_size=cfg.data.micro_batch_size,
+        forward_only=False,
+    )
+    with cpu_optimizer_scope():
+        update_ok, grad_norm, _ = state.optimizer.step()
+    state.scheduler.step(increment=1)
+    state.iteration += 1
+    losses = _global_losses(reports)
+    state.losses.append(losses["loss"])
+    return {**losses, "grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok),
+            "lr": state.optimizer.param_groups[0]["lr"]}
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if value == value else "  -   "  # NaN: no such targets in this step
+
+
+def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
+        vocabulary: Optional[dict] = None, log_fn: Callable[[str], None] = print) -> TrainState:
+    cfg = state.cfg
+    stop = _StopFlag()
+    while state.iteration < cfg.schedule.train_iters:
+        start = time.perf_counter()
+        metrics = train_step(state, make_microbatch, seq_length)
+        if is_rank0() and state.iteration % cfg.logging.log_interval == 0:
+            log_fn(f"iter {state.iteration:6d}/{cfg.schedule.train_iters} | loss {metrics['loss']:.4f} | "
+                   f"text {_fmt(metrics['text_loss'])} | image {_fmt(metrics['image_loss'])} | "
+                   f"lr {metrics['lr']:.3e} | grad_norm {metrics['grad_norm']:.3f} | "
+                   f"{time.perf_counter() - start:.2f} s")
+        interval = cfg.checkpoint.save_interval
+        due = cfg.checkpoint.save and interval and state.iteration % interval == 0
+        if stop.any_rank():
+            if cfg.checkpoint.save:
+                path = save(state, vocabulary)
+                if is_rank0():
+                    log_fn(f"signal received: saved {path}, exiting")
+            return state
+        if due:
+            save(state, vocabulary)
+    if cfg.checkpoint.save and not (checkpoint.latest_iteration_dir(cfg.checkpoint.save) or "").endswith(
+            checkpoint.iteration_dir_name(state.iteration)):
+        path = save(state, vocabulary)
+        if is_rank0():
+            log_fn(f"saved checkpoint {path}")
+    return state

@@ -1,0 +1,31 @@
+"""One micro-batch through the model: megatron's ``forward_step_func`` for every PP schedule.
+
+The data iterator yields :class:`~megatron_uni.diffusion.inputs.DiffusionInputs` (the BDLM
+layout built by the diffusion step). Every pipeline stage reads the same micro-batch: positions
+and the attention layout are needed on all stages, labels and loss weights on the last.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from megatron_uni.diffusion.inputs import DiffusionInputs
+from megatron_uni.diffusion.losses import loss_sums, schedule_loss
+
+
+def loss_func(inputs: DiffusionInputs, weighting: str, per_token_ce: torch.Tensor):
+    """megatron's 3-tuple ``(loss_sum, num_tokens, report)`` with ``calculate_per_token_loss=True``:
+    the schedules add both over micro-batches and ``finalize_model_grads`` divides the gradients by
+    the count all-reduced over data parallel -- one global normalisation, not a mean of means."""
+    return schedule_loss(loss_sums(per_token_ce, inputs), weighting)
+
+
+def make_forward_step(weighting: str):
+    def forward_step(data_iterator, model):
+        inputs: DiffusionInputs = next(data_iterator)
+        output = model(inputs.input_ids, inputs.position_ids, inputs.attention_mask, labels=inputs.model_labels)
+        return output, partial(loss_func, inputs, weighting)
+
+    return forward_step
