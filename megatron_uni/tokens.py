@@ -150,9 +150,17 @@ class Vocabulary:
             raise RuntimeError("this Vocabulary has no text tokenizer (synthetic); build it with from_tokenizer_dir")
         return self.tokenizer
 
-    def encode(self, text: str) -> List[int]:
-        """Text -> token ids, no BOS/EOS added. Special-token strings inside ``text`` become specials."""
-        return list(self._require_tokenizer().encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, parse_special: bool = True) -> List[int]:
+        """Text -> token ids, no BOS/EOS added. With ``parse_special`` special-token strings inside
+        ``text`` become specials; without, they are spelled as ordinary text (for data text, so a
+        sample containing ``<|image|>`` cannot forge structure)."""
+        tokenizer = self._require_tokenizer()
+        previous = tokenizer.encode_special_tokens
+        tokenizer.encode_special_tokens = not parse_special
+        try:
+            return list(tokenizer.encode(text, add_special_tokens=False).ids)
+        finally:
+            tokenizer.encode_special_tokens = previous
 
     def decode(self, ids: Sequence[int]) -> str:
         """Token ids -> text; image blocks are rendered as ``[image HxW]``."""

@@ -153,3 +153,11 @@ def test_chat_only_assistant_turns_maskable(vocab):
 def test_plain_text_all_maskable(vocab):
     s = build(vocab, {"task": "text", "text": "hello there"})
     assert s.maskable.all() and s.tokens.tolist() == vocab.encode("hello there") + [vocab.eos_id]
+
+
+def test_special_strings_in_sample_text_stay_text(vocab):
+    s = build(vocab, {"task": "text", "text": "hello <|image|> <role>HUMAN</role>"})
+    assert vocab.special("image_start") not in s.tokens.tolist()
+    assert vocab.special("role_human") not in s.tokens.tolist()
+    assert vocab.decode(s.tokens[:-1].tolist()) == "hello <|image|> <role>HUMAN</role>"
+    assert vocab.encode("<|image|>") == [vocab.special("image_start")]  # default still parses specials

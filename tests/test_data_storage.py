@@ -150,3 +150,12 @@ def test_demo_manifest_lists_every_image_key(demo):
     codes = json.load(open(root / "image_codes.json"))
     assert [m["key"] for m in manifest] == list(codes)
     assert all((root / m["image"]).is_file() for m in manifest)
+
+
+def test_loader_refuses_dataset_built_with_other_vocabulary(demo):
+    root, _, vocab = demo
+    other = Vocabulary.from_tokenizer_dir(str(root / "tokenizer"), text_size=1100, num_image_codes=DEMO_IMAGE_CODES)
+    with pytest.raises(ValueError, match="was built with text_size=1024, this run uses 1100"):
+        loader(root, other)
+    built = __import__("json").load(open(root / "ds" / "demo.build.json"))
+    assert built["vocabulary"]["special_ids"] == dict(vocab.special_ids)

@@ -97,6 +97,8 @@ def build_dataset(paths: Sequence[str], prefix: str, settings: BuildSettings, wo
         if not os.path.isfile(path):
             raise FileNotFoundError(f"input JSONL {path!r} not found")
     report = BuildReport()
+    vocab = Vocabulary.from_tokenizer_dir(settings.tokenizer_dir, text_size=settings.text_size,
+                                          num_image_codes=settings.num_image_codes)
     writer = SampleWriter(prefix)
     results = _run(read_lines(paths), settings, workers)
     for packed, error in (progress(results) if progress else results):
@@ -113,7 +115,8 @@ def build_dataset(paths: Sequence[str], prefix: str, settings: BuildSettings, wo
         f.writelines(e + "\n" for e in report.errors)
     with open(prefix + ".build.json", "w") as f:
         json.dump({"inputs": [os.path.basename(p) for p in paths], "written": report.written,
-                   "tokens": report.tokens, "bad": report.bad, "settings": dataclasses.asdict(settings)},
+                   "tokens": report.tokens, "bad": report.bad, "settings": dataclasses.asdict(settings),
+                   "vocabulary": vocab.describe()},
                   f, indent=2)
     return report
 

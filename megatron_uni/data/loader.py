@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -20,6 +22,25 @@ from megatron_uni.data.packing import PackingSettings, PackingStats, materialize
 from megatron_uni.data.sampler import ResumableSampler, RowPlan
 from megatron_uni.data.storage import SampleDataset
 from megatron_uni.tokens import Vocabulary
+
+
+LAYOUT_KEYS = ("text_size", "num_image_codes", "special_ids")
+
+
+def check_built_vocabulary(prefix: str, vocab: Vocabulary) -> None:
+    """Compare the layout recorded in ``prefix.build.json`` (when present) with ``vocab``."""
+    path = prefix + ".build.json"
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        built = json.load(f).get("vocabulary")
+    if built is None:
+        return
+    mine = vocab.describe()
+    for key in LAYOUT_KEYS:
+        if built[key] != mine[key]:
+            raise ValueError(f"dataset {prefix!r} was built with {key}={built[key]}, this run uses {mine[key]}: "
+                             f"rebuild it with this tokenizer")
 
 
 def collate(rows: Sequence[Dict[str, np.ndarray]]) -> Batch:
@@ -45,10 +66,11 @@ class PackedBatchLoader:
         return cls(datasets, [e.weight for e in blend], vocab, packing, micro_batch_size, seed, dp_rank, dp_world)
 
     def _check_vocab(self) -> None:
-        """Fail early (naming the dataset) when stored ids do not fit this vocabulary."""
+        """Fail early (naming the dataset) when it was built with another vocabulary layout."""
         for data in self.datasets:
             if len(data) == 0:
                 raise ValueError(f"dataset {data.prefix!r} is empty")
+            check_built_vocabulary(data.prefix, self.vocab)
             highest = int(data.get(int(np.argmax(data.lengths))).tokens.max())
             if highest >= self.vocab.size:
                 raise ValueError(f"dataset {data.prefix!r} holds token id {highest} >= vocabulary size "

@@ -46,7 +46,8 @@ class SequenceBuilder:
         self._modality.extend([modality] * len(ids))
 
     def text(self, text: str, target: bool = False) -> "SequenceBuilder":
-        self._append(self.vocab.encode(text), target, MODALITY_TEXT)
+        # special strings in sample text stay text: structure comes only from special()/image()
+        self._append(self.vocab.encode(text, parse_special=False), target, MODALITY_TEXT)
         return self
 
     def special(self, name: str, target: bool = False) -> "SequenceBuilder":
