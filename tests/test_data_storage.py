@@ -159,3 +159,19 @@ def test_loader_refuses_dataset_built_with_other_vocabulary(demo):
         loader(root, other)
     built = __import__("json").load(open(root / "ds" / "demo.build.json"))
     assert built["vocabulary"]["special_ids"] == dict(vocab.special_ids)
+
+
+def test_build_reads_image_code_store_like_fallback(demo, tmp_path):
+    """The VQ tool's ImageCodeStore (directory) and the demo's image_codes.json give the same dataset."""
+    import json
+    from megatron_uni.data.image_codes import merge_index, shard_path, write_shard
+    root, _, _ = demo
+    table = json.load(open(root / "image_codes.json"))
+    store = tmp_path / "store"
+    entries = [(k, v["grid_h"], v["grid_w"], np.asarray(v["codes"])) for k, v in table.items()]
+    write_shard(shard_path(str(store), 0), entries[:5], [])
+    write_shard(shard_path(str(store), 1), entries[5:], [])
+    merge_index(str(store), [0, 1], {})
+    settings = BuildSettings(str(root / "tokenizer"), str(store), num_image_codes=DEMO_IMAGE_CODES)
+    build_dataset([str(root / "samples.jsonl")], str(tmp_path / "from_store"), settings)
+    assert (tmp_path / "from_store.bin").read_bytes() == (root / "ds" / "demo.bin").read_bytes()
