@@ -200,7 +200,7 @@ def make_demo_data(out_dir: str, num_scenes: int = 48, num_paragraphs: int = 64,
             samples.append({"task": "editing", "source": key, "target": edit_key,
                             "instruction": f"Make the {shapes[0]['shape']} {new_color}."})
         if i % 6 == 5:
-            samples.append(_interleaved(i, codes, rng))
+            samples.append(_interleaved(i))
     for paragraph in demo_paragraphs(rng, num_paragraphs):
         texts.append(paragraph)
         samples.append({"task": "text", "text": paragraph})
@@ -222,7 +222,7 @@ def make_demo_data(out_dir: str, num_scenes: int = 48, num_paragraphs: int = 64,
     return counts
 
 
-def _interleaved(i: int, codes: Dict[str, Dict], rng: np.random.Generator) -> Dict:
+def _interleaved(i: int) -> Dict:
     """A story over the last two scenes: text, image, text, image."""
     first, second = f"scene_{i - 1:05d}", f"scene_{i:05d}"
     return {"task": "interleaved", "prompt": "Draw two pictures and say what changes.",

@@ -71,6 +71,7 @@ class PackedBatchLoader:
             if len(data) == 0:
                 raise ValueError(f"dataset {data.prefix!r} is empty")
             check_built_vocabulary(data.prefix, self.vocab)
+            # spot check for datasets without build.json: ids of the longest document must fit
             highest = int(data.get(int(np.argmax(data.lengths))).tokens.max())
             if highest >= self.vocab.size:
                 raise ValueError(f"dataset {data.prefix!r} holds token id {highest} >= vocabulary size "
