@@ -108,6 +108,7 @@ class ScheduleConfig:
     train_iters: int = 10
     warmup_iters: int = 2
     decay_style: str = "cosine"            # constant | linear | cosine
+    exit_interval: int = 0                 # >0: save and exit when iteration % exit_interval == 0
 
 
 @dataclasses.dataclass

@@ -2,7 +2,9 @@
 
 Resumes from ``checkpoint.load`` (or from ``checkpoint.save`` when it already holds a ``latest``),
 saves every ``checkpoint.save_interval`` iterations and at the end, and on SIGTERM/SIGUSR1 (Slurm's
-pre-emption warning) saves at the end of the current step and exits cleanly.
+pre-emption warning) or every ``schedule.exit_interval`` iterations saves at the end of the current
+step and exits cleanly. On resume the LR schedule is the checkpoint's (megatron's
+``OptimizerParamScheduler`` semantics), so keep ``schedule.*`` unchanged across restarts.
 """
 
 from __future__ import annotations
@@ -104,11 +106,14 @@ def setup(cfg: Config, mask_id: Optional[int] = None) -> TrainState:
     return state
 
 
-def _optimizer_sharded(state: TrainState, model_sd=None) -> Dict:
-    model_sd = model_sd if model_sd is not None else checkpoint.model_sharded_state_dict(state.model)
+def _optimizer_sharded(state: TrainState, is_loading: bool = False) -> Dict:
+    """The optimizer's sharded state. ``is_loading`` allocates Adam's (lazily created) moments
+    first: without it a fresh optimizer offers no tensors to load into and resumes from zero
+    moments without any error."""
+    model_sd = checkpoint.model_sharded_state_dict(state.model)
     with cpu_optimizer_scope():
         return {"optimizer": state.optimizer.sharded_state_dict(
-            model_sd, metadata={"distrib_optim_sharding_type": "dp_reshardable"})}
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})}
 
 
 def save(state: TrainState, vocabulary: Optional[dict] = None) -> str:
@@ -125,7 +130,7 @@ def load(state: TrainState, path: str, finetune: bool = False) -> None:
         checkpoint.load_checkpoint(path, state.model, state.cfg.model)
         return
     metadata = checkpoint.read_metadata(path)
-    extra = _optimizer_sharded(state) if "optimizer" in metadata.get("extra_keys", []) else None
+    extra = _optimizer_sharded(state, is_loading=True) if "optimizer" in metadata.get("extra_keys", []) else None
     metadata = checkpoint.load_checkpoint(path, state.model, state.cfg.model, extra_sharded=extra)
     if extra:
         with torch.no_grad(), cpu_optimizer_scope():
@@ -221,11 +226,13 @@ def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
                    f"{time.perf_counter() - start:.2f} s")
         interval = cfg.checkpoint.save_interval
         due = cfg.checkpoint.save and interval and state.iteration % interval == 0
-        if stop.any_rank():
+        exit_now = cfg.schedule.exit_interval and state.iteration % cfg.schedule.exit_interval == 0
+        if stop.any_rank() or exit_now:
             if cfg.checkpoint.save:
                 path = save(state, vocabulary)
                 if is_rank0():
-                    log_fn(f"signal received: saved {path}, exiting")
+                    reason = "exit interval reached" if exit_now else "signal received"
+                    log_fn(f"{reason}: saved {path}, exiting")
             return state
         if due:
             save(state, vocabulary)
