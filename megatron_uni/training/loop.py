@@ -236,9 +236,10 @@ def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
             return state
         if due:
             save(state, vocabulary)
-    if cfg.checkpoint.save and not (checkpoint.latest_iteration_dir(cfg.checkpoint.save) or "").endswith(
-            checkpoint.iteration_dir_name(state.iteration)):
-        path = save(state, vocabulary)
+    if cfg.checkpoint.save:
+        path = checkpoint.latest_iteration_dir(cfg.checkpoint.save) or ""
+        if not path.endswith(checkpoint.iteration_dir_name(state.iteration)):
+            path = save(state, vocabulary)
         if is_rank0():
-            log_fn(f"saved checkpoint {path}")
+            log_fn(f"final checkpoint: {path}")
     return state
