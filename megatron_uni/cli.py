@@ -68,10 +68,10 @@ def cmd_train(args) -> int:
     _quiet_megatron(cfg.logging.level)
     from megatron_uni.platform.distributed import destroy, is_rank0
     from megatron_uni.training import loop
-    from megatron_uni.training.batches import MicrobatchSource, load_vocabulary
+    from megatron_uni.training.batches import MicrobatchSource
 
-    vocab = load_vocabulary(cfg)
-    source = MicrobatchSource(cfg, vocab)
+    source = MicrobatchSource(cfg)
+    vocab = source.vocab
     state = loop.setup(cfg, mask_id=vocab.mask_id)
     if is_rank0():
         print(f"training {args.recipe}: {cfg.schedule.train_iters} iterations from iteration {state.iteration}, "
@@ -103,6 +103,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"megatron-uni: config error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:  # a recipe pointing at data, tokenizer or checkpoint that is not there
+        print(f"megatron-uni: {err}", file=sys.stderr)
         return 2
 
 

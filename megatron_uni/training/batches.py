@@ -10,31 +10,13 @@ builds the identical micro-batch, and resuming needs nothing but the iteration.
 from __future__ import annotations
 
 import os
-from typing import List
-
 import torch
 
 from megatron_uni.config import Config
-from megatron_uni.data.blend import BlendEntry, load_blend
-from megatron_uni.data.loader import PackedBatchLoader
-from megatron_uni.data.packing import PackingSettings
+from megatron_uni.data.loader import open_training_data
 from megatron_uni.diffusion.inputs import DiffusionConfig, DiffusionInputs, build_inputs
 from megatron_uni.diffusion.noising import NoiseConfig
 from megatron_uni.tokens import Vocabulary
-
-
-def load_vocabulary(cfg: Config) -> Vocabulary:
-    if not cfg.data.tokenizer:
-        raise ValueError("data.tokenizer must name a directory holding tokenizer.json")
-    return Vocabulary.from_tokenizer_dir(cfg.data.tokenizer, text_size=cfg.model.text_vocab,
-                                         num_image_codes=cfg.model.num_image_codes)
-
-
-def blend_entries(path: str) -> List[BlendEntry]:
-    """``data.path`` is a blend YAML file or a single dataset prefix (``.bin``/``.idx`` pair)."""
-    if path.endswith((".yaml", ".yml")):
-        return load_blend(path)
-    return [BlendEntry(path=path, weight=1.0)]
 
 
 def diffusion_config(cfg: Config) -> DiffusionConfig:
@@ -46,16 +28,15 @@ def diffusion_config(cfg: Config) -> DiffusionConfig:
 
 
 class MicrobatchSource:
-    def __init__(self, cfg: Config, vocab: Vocabulary) -> None:
-        if not cfg.data.path:
-            raise ValueError("data.path must name a dataset prefix or a blend YAML (see `make demo`)")
-        if not cfg.data.path.endswith((".yaml", ".yml")) and not os.path.isfile(cfg.data.path + ".idx"):
+    def __init__(self, cfg: Config) -> None:
+        if cfg.data.path and not cfg.data.path.endswith((".yaml", ".yml")) \
+                and not os.path.isfile(cfg.data.path + ".idx"):
             raise FileNotFoundError(f"data.path={cfg.data.path!r}: no {cfg.data.path}.idx (build it with "
-                                    f"tools/build_dataset.py)")
-        self.cfg, self.vocab = cfg, vocab
-        packing = PackingSettings(seq_length=cfg.data.seq_length, block_size=cfg.data.block_size)
-        self.loader = PackedBatchLoader.open(blend_entries(cfg.data.path), vocab, packing,
-                                             micro_batch_size=cfg.data.micro_batch_size, seed=cfg.data.seed)
+                                    f"tools/build_dataset.py, or run `make demo-data`)")
+        self.cfg = cfg
+        # one loader over the whole row sequence; rows are addressed directly, never iterated
+        self.loader = open_training_data(cfg.data, cfg.model)
+        self.vocab: Vocabulary = self.loader.vocab
         self.diffusion = diffusion_config(cfg)
 
     def __call__(self, iteration: int, index: int, dp_rank: int, dp_size: int) -> DiffusionInputs:
