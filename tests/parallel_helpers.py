@@ -162,7 +162,8 @@ def _run_layout(out_dir: str, name: str, layout: Layout, rank: int) -> None:
               "loss": train_pass(chunks, inputs, cfg.diffusion.weighting)}
     if cfg.parallel.distributed_optimizer:
         gather_distributed_grads(chunks)
-    save_full_tensors(grads_sharded_state_dict(chunks), os.path.join(layout_dir, "grads"), rank)
+    result["shard_error"] = {"grads": save_full_tensors(grads_sharded_state_dict(chunks),
+                                                         os.path.join(layout_dir, "grads"), rank)}
     if optimizer is not None:
         result.update(_optimizer_step(chunks, optimizer, layout_dir, rank))
     torch.save(result, os.path.join(layout_dir, f"rank{rank}.pt"))
@@ -186,11 +187,12 @@ def _optimizer_step(chunks, optimizer, layout_dir: str, rank: int) -> dict:
     from megatron_uni.checkpoint import model_sharded_state_dict
     from megatron_uni.platform.cpu import cpu_optimizer_scope
 
-    save_full_tensors(model_sharded_state_dict(chunks), os.path.join(layout_dir, "params_before"), rank)
+    before = save_full_tensors(model_sharded_state_dict(chunks), os.path.join(layout_dir, "params_before"), rank)
     with cpu_optimizer_scope():
         update_ok, grad_norm, _ = optimizer.step()
-    save_full_tensors(model_sharded_state_dict(chunks), os.path.join(layout_dir, "params"), rank)
-    return {"update_ok": bool(update_ok), "grad_norm": float(grad_norm)}
+    after = save_full_tensors(model_sharded_state_dict(chunks), os.path.join(layout_dir, "params"), rank)
+    return {"update_ok": bool(update_ok), "grad_norm": float(grad_norm),
+            "params_shard_error": {"params_before": before, "params": after}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,8 +327,12 @@ def grads_sharded_state_dict(chunks) -> dict:
     return swap(model_sharded_state_dict(chunks))
 
 
-def save_full_tensors(sharded: dict, directory: str, rank: int) -> None:
-    """Save a sharded state dict collectively, read it back whole, write ``<directory>.pt`` on rank 0."""
+def save_full_tensors(sharded: dict, directory: str, rank: int) -> float:
+    """Save a sharded state dict collectively, read it back whole, write ``<directory>.pt`` on rank 0.
+
+    The checkpoint keeps one replica of each shard; returns how far *this* rank's shards (replicas
+    included) are from the assembled tensors, so a rank whose copy went wrong is not hidden.
+    """
     from megatron.core import dist_checkpointing
 
     if rank == 0:
@@ -338,6 +344,38 @@ def save_full_tensors(sharded: dict, directory: str, rank: int) -> None:
     if rank == 0:
         torch.save({key: value.detach().clone() for key, value in full.items()}, directory + ".pt")
     torch.distributed.barrier()
+    return local_shard_error(sharded, full)
+
+
+def local_shard_error(sharded: dict, full: Dict[str, torch.Tensor]) -> float:
+    """Largest difference between a local shard and its region of the full tensor, relative to the
+    full tensor's largest magnitude."""
+    worst = 0.0
+    for item in _sharded_tensors(sharded):
+        whole = full[item.key]
+        # global_offset also covers the axes prepended for stacked layers/experts (one index each)
+        sizes = (1,) * (len(item.global_offset) - len(item.local_shape)) + tuple(item.local_shape)
+        region = whole[tuple(slice(o, o + n) for o, n in zip(item.global_offset, sizes))]
+        diff = (region.reshape(item.data.shape) - item.data.detach()).abs().max().item()
+        scale = whole.abs().max().item()
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst
+
+
+def _sharded_tensors(value):
+    """Every ShardedTensor under ``value`` (dicts, lists, factories such as the SwiGLU fc1 halves)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _sharded_tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _sharded_tensors(item)
+    elif isinstance(value, ShardedTensorFactory):
+        yield from _sharded_tensors(value.build())
+    elif isinstance(value, ShardedTensor):
+        yield value
 
 
 # ----------------------------------------------------------------------------------------------

@@ -115,6 +115,9 @@ def test_loss_matches_single_process(runs, name):
 @pytest.mark.parametrize("name", EQUIVALENT)
 def test_every_gradient_matches_single_process(runs, name):
     got, ref = runs.layout(name), runs.reference(name)
+    for rank, result in enumerate(got["ranks"]):  # replicas the checkpoint did not keep
+        assert result["shard_error"]["grads"] <= RTOL, f"{name} rank {rank}: local grads differ from the " \
+            f"assembled ones by {result['shard_error']['grads']:.3g}"
     errors = mismatches(got["grads"], ref["grads"])
     assert not errors, f"{name}: {len(errors)} of {len(ref['grads'])} tensors differ (relative error): " + \
         ", ".join(f"{k}={v:.3g}" for k, v in sorted(errors.items(), key=lambda kv: -kv[1]))
@@ -124,6 +127,8 @@ def test_distributed_optimizer_step_matches_single_process(runs):
     got, ref = runs.layout("dp2_distopt"), runs.reference("dp2_distopt")
     for rank, result in enumerate(got["ranks"]):
         assert result["update_ok"], f"rank {rank}: optimizer step skipped"
+        for state, error in result["params_shard_error"].items():
+            assert error <= RTOL, f"rank {rank}: local {state} differ from the assembled ones by {error:.3g}"
         want = ref["ranks"][0]["grad_norm"]
         assert abs(result["grad_norm"] - want) <= RTOL * want, f"rank {rank}: grad norm {result['grad_norm']} vs {want}"
     assert not mismatches(got["params_before"], ref["params_before"])
