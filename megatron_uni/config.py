@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -200,6 +201,10 @@ def parse_override(text: str) -> tuple:
     return keys, yaml.safe_load(value) if value.strip() else None
 
 
+# YAML 1.1 (PyYAML) reads an exponent without a dot, ``1e-4``, as a string.
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field's type, accepting int for float. Raise naming ``key``."""
     origin = typing.get_origin(annotation)
@@ -214,6 +219,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
         return float(value)
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
@@ -310,6 +317,11 @@ def validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:
         _require(p.pipeline > 1, "parallel.virtual_pipeline needs parallel.pipeline > 1")
     if p.sequence_parallel:
         _require(p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
+    if p.expert == 1 and p.expert_tensor != p.tensor and m.num_experts and m.first_k_dense < m.num_layers:
+        # with EP 1 megatron reduces expert grads over DP only: under SP each TP rank's expert
+        # grads would cover only its own part of the sequence
+        _require(False, f"parallel.expert_tensor={p.expert_tensor} must equal parallel.tensor={p.tensor} when "
+                        f"parallel.expert=1")
     if p.tensor > 1 and m.num_experts and m.first_k_dense < m.num_layers:
         # megatron-core's MoELayer refuses TP without SP in training
         _require(p.sequence_parallel, f"parallel.sequence_parallel must be true with parallel.tensor={p.tensor} "

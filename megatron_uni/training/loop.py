@@ -73,17 +73,17 @@ def wrap_ddp(cfg: Config, chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Mo
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
-    wrapped = []
-    for i, chunk in enumerate(chunks):
-        wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
-                                               disable_bucketing=i > 0))
-    config = chunks[0].config
-    config.finalize_model_grads_func = finalize_model_grads
     for chunk in chunks:
+        # Before DDP is built: DDP reads calculate_per_token_loss at construction and would
+        # otherwise also scale every gradient by 1/DP (finalize_model_grads already divides by
+        # the token count summed over DP).
         chunk.config.calculate_per_token_loss = True
         # the prefix-aware layout compacts each micro-batch to its own length
         chunk.config.variable_seq_lengths = cfg.diffusion.prefix_aware and cfg.parallel.pipeline > 1
-    return wrapped
+    chunks[0].config.finalize_model_grads_func = finalize_model_grads
+    return [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)]
 
 
 def setup(cfg: Config, mask_id: Optional[int] = None) -> TrainState:
