@@ -42,7 +42,7 @@ class ModelConfig:
     moe_router_num_groups: int = 8
     moe_router_group_topk: int = 4
     moe_router_topk_scaling_factor: float = 2.5
-    moe_shared_expert_intermediate_size: int = 512
+    moe_shared_expert_intermediate_size: Optional[int] = 512   # null: no shared expert
     moe_router_bias_update_rate: float = 1e-3
     moe_z_loss_coeff: Optional[float] = None
     moe_token_dispatcher_type: str = "alltoall"
@@ -284,6 +284,9 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.moe_router_group_topk <= m.moe_router_num_groups,
              f"model.moe_router_group_topk={m.moe_router_group_topk} exceeds "
              f"model.moe_router_num_groups={m.moe_router_num_groups}")
+    shared = m.moe_shared_expert_intermediate_size
+    _require(shared is None or shared > 0,
+             f"model.moe_shared_expert_intermediate_size={shared} must be > 0, or null for no shared expert")
     _require(m.vocab >= m.text_vocab,
              f"model.vocab={m.vocab} is smaller than model.text_vocab={m.text_vocab}")
     _require(0.0 < m.rotary_percent <= 1.0, f"model.rotary_percent={m.rotary_percent} must be in (0, 1]")
