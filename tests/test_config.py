@@ -130,9 +130,9 @@ def test_wrong_type_names_the_key(override, key, rule):
 
 
 def test_shared_expert_size_zero_is_rejected_and_null_means_none():
-    assert "model.moe_shared_expert_intermediate_size=0" in _error(TINY, ["model.moe_shared_expert_intermediate_size=0"])
-    assert load_config(TINY, ["model.moe_shared_expert_intermediate_size=null"]).model \
-        .moe_shared_expert_intermediate_size is None
+    key = "model.moe_shared_expert_intermediate_size"
+    assert f"{key}=0" in _error(TINY, [f"{key}=0"])
+    assert load_config(TINY, [f"{key}=null"]).model.moe_shared_expert_intermediate_size is None
 
 
 def test_section_that_is_not_a_mapping_is_rejected(tmp_path):
