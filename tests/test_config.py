@@ -159,6 +159,8 @@ def test_section_that_is_not_a_mapping_is_rejected(tmp_path):
     (["parallel.sequence_parallel=true"], ["parallel.sequence_parallel", "parallel.tensor > 1"]),
     # MoE under TP needs SP (megatron-core's MoE layers refuse TP without it)
     (["parallel.tensor=2", "parallel.expert_tensor=2"], ["parallel.sequence_parallel", "parallel.tensor=2"]),
+    # EP 1 + expert-TP != TP: expert grads would be reduced over DP only (wrong under SP)
+    (["parallel.tensor=2", "parallel.sequence_parallel=true"], ["parallel.expert_tensor=1", "parallel.tensor=2"]),
     # heads not divisible by TP
     (["parallel.tensor=4", "parallel.sequence_parallel=true"], ["model.num_query_groups=2", "parallel.tensor=4"]),
 ])
