@@ -6,7 +6,6 @@ gloo on CPU, NCCL on GPU. The CPU patches are applied here, before megatron-core
 from __future__ import annotations
 
 import datetime
-import os
 import random
 import socket
 from typing import Optional
@@ -91,7 +90,3 @@ def destroy() -> None:
 
 def is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
