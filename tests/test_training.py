@@ -103,3 +103,16 @@ def test_info_prints_counts_and_rejects_bad_override():
     assert proc.returncode == 2
     assert out.strip().splitlines()[-1] == ("megatron-uni: config error: model.num_layers=20 must be divisible by "
                                             "parallel.pipeline x parallel.virtual_pipeline=3")
+
+
+def test_prefix_aware_step_equals_full_step_and_every_option_trains(demo, tmp_path):
+    """Through the real loop: the compacted layout gives the same loss and gradient norm as the
+    full [noisy | clean] layout; all noising / weighting options together still train."""
+    grad_norm = re.compile(r"^iter\s+1/\d+ \| loss (\S+) .*grad_norm (\S+)", re.M)
+    _, full = _train(demo, str(tmp_path / "full"), 1)
+    _, compact = _train(demo, str(tmp_path / "compact"), 1, "diffusion.prefix_aware=true")
+    assert grad_norm.search(full).groups() == grad_norm.search(compact).groups()
+    losses, _ = _train(demo, str(tmp_path / "all"), 2, "diffusion.prefix_aware=true",
+                       "diffusion.weighting=sqrt_masked", "diffusion.complementary=true", "diffusion.per_block=true",
+                       "diffusion.antithetic=true", "diffusion.mask_noise_std=0.02", "diffusion.mask_noise_steps=1")
+    assert sorted(losses) == [1, 2] and all(0 < v < 20 for v in losses.values())

@@ -92,13 +92,16 @@ def setup(cfg: Config, mask_id: Optional[int] = None) -> TrainState:
     validate_world_size(cfg, launch.world_size)
     cfg.parallel.world_size = launch.world_size
     chunks = build_model_chunks(cfg.model, cfg.parallel, block_attention_spec())
-    if cfg.diffusion.mask_noise_steps and mask_id is not None and chunks[0].pre_process:
-        hook = mask_embedding_noise_hook(mask_id, cfg.diffusion.mask_noise_std, cfg.diffusion.mask_noise_steps)
-        chunks[0].embedding.register_forward_hook(hook, with_kwargs=True)
+    first_chunk = chunks[0]
     chunks = wrap_ddp(cfg, chunks)
     optimizer = build_optimizer(cfg, chunks)
     scheduler = build_scheduler(cfg, optimizer)
     state = TrainState(cfg=cfg, model=chunks, optimizer=optimizer, scheduler=scheduler)
+    if cfg.diffusion.mask_noise_steps and mask_id is not None and first_chunk.pre_process:
+        sp_rank = parallel_state.get_tensor_model_parallel_rank() if cfg.parallel.sequence_parallel else 0
+        hook = mask_embedding_noise_hook(mask_id, cfg.diffusion.mask_noise_std, cfg.diffusion.mask_noise_steps,
+                                         current_step=lambda: state.iteration, sequence_parallel_rank=sp_rank)
+        first_chunk.embedding.register_forward_hook(hook, with_kwargs=True)
     resume_from = cfg.checkpoint.load or (cfg.checkpoint.save if cfg.checkpoint.save and
                                           checkpoint.latest_iteration_dir(cfg.checkpoint.save) else None)
     if resume_from:
