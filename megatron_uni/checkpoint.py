@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from megatron_uni.fileio import atomic_write_text
+
 FORMAT = "megatron_uni.checkpoint/1"
 LATEST = "latest"
 METADATA = "metadata.json"
@@ -45,15 +47,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
@@ -101,8 +94,8 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
             "extra_keys": sorted(extra_sharded or {}),
             **(extra_metadata or {}),
         }
-        _atomic_write(os.path.join(iter_dir, METADATA), json.dumps(metadata, indent=2, sort_keys=True))
-        _atomic_write(os.path.join(root, LATEST), iteration_dir_name(iteration) + "\n")
+        atomic_write_text(os.path.join(iter_dir, METADATA), json.dumps(metadata, indent=2, sort_keys=True))
+        atomic_write_text(os.path.join(root, LATEST), iteration_dir_name(iteration) + "\n")
     _barrier()
     return iter_dir
 

@@ -21,6 +21,8 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
+from megatron_uni.fileio import atomic_write_bytes
+
 MAGIC = b"MUVQCODE"
 FORMAT_VERSION = 1
 SHARD_DIR = "shards"
@@ -37,17 +39,6 @@ def shard_name(index: int) -> str:
 
 def shard_path(directory: str, index: int) -> str:
     return os.path.join(directory, SHARD_DIR, shard_name(index))
-
-
-def atomic_write_bytes(path: str, payload: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename: readers see the old file or the whole new one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = f"{path}.tmp.{os.getpid()}"
-    with open(temporary, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def atomic_write_json(path: str, value) -> None:

@@ -232,11 +232,11 @@ def run_job(spec: JobSpec, comm=None) -> dict:
     _on_rank0_then_share(comm, lambda: claim_output(spec.output, meta))
 
     mine = [i for i in range(len(chunks)) if i % comm.size == comm.rank]
-    todo = [i for i in mine if not os.path.isfile(store.shard_path(spec.output, i))]
+    pending = [i for i in mine if not os.path.isfile(store.shard_path(spec.output, i))]
     decoder = make_decoder(spec.decoder, spec.batch_size, device.type == "cuda",
                            device_id=device.index or 0)
-    counts = _process(todo, chunks, spec, resolve, decoder, model, device, comm)
-    counts.update(rank=comm.rank, shards_skipped=len(mine) - len(todo), decoder=decoder.name)
+    counts = _process(pending, chunks, spec, resolve, decoder, model, device, comm)
+    counts.update(rank=comm.rank, shards_skipped=len(mine) - len(pending), decoder=decoder.name)
     every_rank = comm.gather(counts, root=0)  # also the barrier: all shards are written after it
     summary = _on_rank0_then_share(comm, lambda: _finish(spec.output, len(chunks), meta))
     return {**summary, "this_rank": comm.rank, "ranks": every_rank if comm.rank == 0 else [counts]}
@@ -250,21 +250,21 @@ def read_items(spec: JobSpec) -> List[ImageItem]:
     return read_inputs(spec.inputs, spec.key_style)
 
 
-def _process(todo, chunks, spec, resolve, decoder, model, device, comm) -> dict:
+def _process(pending, chunks, spec, resolve, decoder, model, device, comm) -> dict:
     from tqdm import tqdm
 
     kill = KillSwitch()
-    total = sum(len(chunks[i]) for i in todo)
+    total = sum(len(chunks[i]) for i in pending)
     started, encoded, bad_count = time.time(), 0, 0
     with tqdm(total=total, unit="img", desc=f"rank {comm.rank}", position=comm.rank,
               disable=not spec.progress or comm.rank != 0, dynamic_ncols=True) as bar:
-        for index in todo:
+        for index in pending:
             entries, bad = tokenize_chunk(chunks[index], spec, resolve, decoder, model, device, kill)
             store.write_shard(store.shard_path(spec.output, index), entries, bad)
             encoded, bad_count = encoded + len(entries), bad_count + len(bad)
             bar.update(len(chunks[index]))
     elapsed = max(time.time() - started, 1e-9)
-    return {"shards_written": len(todo), "images_encoded": encoded, "images_bad": bad_count,
+    return {"shards_written": len(pending), "images_encoded": encoded, "images_bad": bad_count,
             "images_per_s": encoded / elapsed}
 
 
