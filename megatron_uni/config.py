@@ -63,6 +63,10 @@ class ModelConfig:
     recompute_modules: Optional[List[str]] = None
 
     @property
+    def has_moe(self) -> bool:
+        return bool(self.num_experts) and self.first_k_dense < self.num_layers
+
+    @property
     def moe_layer_pattern(self) -> List[int]:
         return [0] * self.first_k_dense + [1] * (self.num_layers - self.first_k_dense)
 
@@ -320,12 +324,12 @@ def validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:
         _require(p.pipeline > 1, "parallel.virtual_pipeline needs parallel.pipeline > 1")
     if p.sequence_parallel:
         _require(p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
-    if p.expert == 1 and p.expert_tensor != p.tensor and m.num_experts and m.first_k_dense < m.num_layers:
+    if m.has_moe and p.expert == 1:
         # with EP 1 megatron reduces expert grads over DP only: under SP each TP rank's expert
         # grads would cover only its own part of the sequence
-        _require(False, f"parallel.expert_tensor={p.expert_tensor} must equal parallel.tensor={p.tensor} when "
-                        f"parallel.expert=1")
-    if p.tensor > 1 and m.num_experts and m.first_k_dense < m.num_layers:
+        _require(p.expert_tensor == p.tensor, f"parallel.expert_tensor={p.expert_tensor} must equal "
+                                              f"parallel.tensor={p.tensor} when parallel.expert=1")
+    if m.has_moe and p.tensor > 1:
         # megatron-core's MoELayer refuses TP without SP in training
         _require(p.sequence_parallel, f"parallel.sequence_parallel must be true with parallel.tensor={p.tensor} "
                                       f"for an MoE model (megatron-core MoE layers require it under TP)")

@@ -61,8 +61,10 @@ def test_resumed_run_equals_uninterrupted_run(demo, tmp_path):
     straight, _ = _train(demo, str(tmp_path / "straight"), 4)
     first, out = _train(demo, str(tmp_path / "resumed"), 4, "schedule.exit_interval=2")
     assert "exit interval reached" in out
-    second, out = _train(demo, str(tmp_path / "resumed"), 4)
-    assert "resumed from" in out and sorted(first) == [1, 2] and sorted(second) == [3, 4]
+    # the run's own checkpoint wins over checkpoint.load (here another run's final weights)
+    second, out = _train(demo, str(tmp_path / "resumed"), 4,
+                         f"checkpoint.load={tmp_path / 'straight' / 'iter_0000004'}")
+    assert f"resumed from {tmp_path / 'resumed' / 'iter_0000002'}" in out and sorted(first) == [1, 2] and sorted(second) == [3, 4]
     assert {**first, **second} == straight, (first, second, straight)
     a = _weights(str(tmp_path / "straight" / "iter_0000004"), tmp_path)
     b = _weights(str(tmp_path / "resumed" / "iter_0000004"), tmp_path)

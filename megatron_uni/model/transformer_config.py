@@ -33,7 +33,7 @@ def _fp8_settings(model: ModelConfig, te: bool) -> dict:
 
 
 def _moe_settings(model: ModelConfig) -> dict:
-    if model.num_experts == 0 or model.first_k_dense == model.num_layers:
+    if not model.has_moe:
         return {}
     return dict(
         num_moe_experts=model.num_experts,

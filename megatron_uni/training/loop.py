@@ -1,9 +1,9 @@
 """The training loop: megatron-core schedules, DDP, optimizer, checkpoints, per-step log.
 
-Resumes from ``checkpoint.load`` (or from ``checkpoint.save`` when it already holds a ``latest``),
-saves every ``checkpoint.save_interval`` iterations and at the end, and on SIGTERM/SIGUSR1 (Slurm's
-pre-emption warning) or every ``schedule.exit_interval`` iterations saves at the end of the current
-step and exits cleanly. On resume the LR schedule is the checkpoint's (megatron's
+Resumes from ``checkpoint.save`` when it already holds a ``latest`` (a requeued job continues),
+else from ``checkpoint.load``. Saves every ``checkpoint.save_interval`` iterations and at the end,
+and on SIGTERM/SIGUSR1 (Slurm's pre-emption warning) or every ``schedule.exit_interval``
+iterations saves at the end of the current step and exits cleanly. On resume the LR schedule is the checkpoint's (megatron's
 ``OptimizerParamScheduler`` semantics), so keep ``schedule.*`` unchanged across restarts.
 """
 
@@ -23,12 +23,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_uni import checkpoint
 from megatron_uni.config import Config, data_parallel_size, validate_world_size
+from megatron_uni.diffusion.losses import LossSums, combine, mask_embedding_noise_hook
+from megatron_uni.model.block_attention import block_attention_spec
 from megatron_uni.model.builder import build_model_chunks
 from megatron_uni.platform.cpu import cpu_optimizer_scope
 from megatron_uni.platform.distributed import init_distributed, is_rank0
 from megatron_uni.training.optim import build_optimizer, build_scheduler
-from megatron_uni.diffusion.losses import LossSums, combine, mask_embedding_noise_hook
-from megatron_uni.model.block_attention import block_attention_spec
 from megatron_uni.training.step import make_forward_step
 
 log = logging.getLogger("megatron_uni.train")
@@ -44,7 +44,6 @@ class TrainState:
     optimizer: object
     scheduler: object
     iteration: int = 0
-    losses: List[float] = dataclasses.field(default_factory=list)
 
 
 class _StopFlag:
@@ -102,10 +101,12 @@ def setup(cfg: Config, mask_id: Optional[int] = None) -> TrainState:
         hook = mask_embedding_noise_hook(mask_id, cfg.diffusion.mask_noise_std, cfg.diffusion.mask_noise_steps,
                                          current_step=lambda: state.iteration, sequence_parallel_rank=sp_rank)
         first_chunk.embedding.register_forward_hook(hook, with_kwargs=True)
-    resume_from = cfg.checkpoint.load or (cfg.checkpoint.save if cfg.checkpoint.save and
-                                          checkpoint.latest_iteration_dir(cfg.checkpoint.save) else None)
-    if resume_from:
-        load(state, resume_from, finetune=cfg.checkpoint.finetune and resume_from == cfg.checkpoint.load)
+    # A run's own checkpoints win over checkpoint.load: a requeued job must continue, not restart
+    # from the base it was initialised with.
+    if cfg.checkpoint.save and checkpoint.latest_iteration_dir(cfg.checkpoint.save):
+        load(state, cfg.checkpoint.save)
+    elif cfg.checkpoint.load:
+        load(state, cfg.checkpoint.load, finetune=cfg.checkpoint.finetune)
     return state
 
 
@@ -205,9 +206,7 @@ def train_step(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int
         update_ok, grad_norm, _ = state.optimizer.step()
     state.scheduler.step(increment=1)
     state.iteration += 1
-    losses = _global_losses(reports)
-    state.losses.append(losses["loss"])
-    return {**losses, "grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok),
+    return {**_global_losses(reports), "grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok),
             "lr": state.optimizer.param_groups[0]["lr"]}
 
 
