@@ -172,7 +172,7 @@ def test_ce_and_confidence_from_logits_match_the_model_loss(models):
 
 
 def test_mask_embedding_noise_hook_on_the_megatron_embedding(models):
-    from megatron_uni.diffusion.losses import mask_embedding_noise_hook
+    from megatron_uni.model.embedding_noise import mask_embedding_noise_hook
 
     ours, _ = models
     inputs, vocab = make_inputs(8)

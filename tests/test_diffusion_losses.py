@@ -5,9 +5,9 @@ import torch.nn.functional as F
 
 from megatron_uni.data.batch import IGNORE_INDEX
 from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs
-from megatron_uni.diffusion.losses import (LossSums, add_sums, all_reduce_sums, combine, confidence_entropy,
-                                           loss_sums, mask_embedding_noise_hook)
+from megatron_uni.diffusion.losses import LossSums, add_sums, all_reduce_sums, combine, confidence_entropy, loss_sums
 from megatron_uni.diffusion.noising import NoiseConfig
+from megatron_uni.model.embedding_noise import mask_embedding_noise_hook
 from tests.diffusion_helpers import random_batch, tiny_vocab
 
 

@@ -5,9 +5,10 @@ import itertools
 import pytest
 import torch
 
+from megatron_uni.attention.layout import AttentionLayout
+from megatron_uni.attention.masks import BlockMaskCache, block_mask, dense_mask, pair_allowed
 from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs
-from megatron_uni.diffusion.layout import AttentionLayout, full_layout
-from megatron_uni.diffusion.masks import BlockMaskCache, block_mask, dense_mask, pair_allowed
+from megatron_uni.diffusion.layout import full_layout
 from megatron_uni.diffusion.noising import NoiseConfig
 from tests.diffusion_helpers import random_batch, tiny_vocab
 

@@ -97,7 +97,7 @@ def test_prefix_aware_inputs_are_shorter_and_keep_every_label():
 
 
 def test_attention_mask_descriptor_is_one_tensor_per_micro_batch():
-    from megatron_uni.diffusion.layout import AttentionLayout
+    from megatron_uni.attention.layout import AttentionLayout
 
     gen = torch.Generator().manual_seed(6)
     vocab = tiny_vocab()

@@ -49,7 +49,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
     def sub_inputs(sl):
         from megatron_uni.diffusion.inputs import DiffusionInputs
-        from megatron_uni.diffusion.layout import AttentionLayout
+        from megatron_uni.attention.layout import AttentionLayout
         lay = inputs.layout
         # the normaliser of sqrt weighting is the sum of weights: recompute it per slice
         return DiffusionInputs(inputs.input_ids[sl], inputs.position_ids[sl], inputs.labels[sl],

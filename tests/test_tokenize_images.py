@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from megatron_uni.data import image_codes as store
-from megatron_uni.data import images as rules
+from megatron_uni.vq import images as rules
 from megatron_uni.vq.config import VQConfig
 from megatron_uni.vq.decoding import dali_available
 from megatron_uni.vq.encoder import build_seeded

@@ -1,10 +1,10 @@
-"""Resolution rules and pixel preprocessing of megatron_uni/data/images.py."""
+"""Resolution rules and pixel preprocessing of megatron_uni/vq/images.py."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_uni.data import images as rules
+from megatron_uni.vq import images as rules
 
 
 @pytest.mark.parametrize("size, expected", [

@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from megatron_uni.diffusion.layout import full_layout  # noqa: E402
-from megatron_uni.diffusion.masks import block_mask, dense_mask  # noqa: E402
+from megatron_uni.attention.masks import block_mask, dense_mask  # noqa: E402
 from megatron_uni.model.block_attention import chunked_sdpa  # noqa: E402
 
 

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_uni.data.images import GENERATION_TARGETS, MODES  # noqa: E402
+from megatron_uni.vq.images import GENERATION_TARGETS, MODES  # noqa: E402
 from megatron_uni.vq.job import JobSpec, run_job  # noqa: E402
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from megatron_uni.diffusion.layout import AttentionLayout
+from megatron_uni.attention.layout import AttentionLayout
 
 
 def _allowed(q_doc, q_block, q_clean, k_doc, k_block, k_clean):

@@ -24,10 +24,10 @@ from typing import Optional
 
 import torch
 
+from megatron_uni.attention.layout import FILLER_DOC, AttentionLayout
+from megatron_uni.attention.masks import FLEX_TILE, dense_mask
 from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_SPECIAL, Batch
-from megatron_uni.diffusion.layout import (FILLER_DOC, AttentionLayout, check_block_aligned, compact_rows, full_layout,
-                                          kept_positions)
-from megatron_uni.diffusion.masks import FLEX_TILE, dense_mask
+from megatron_uni.diffusion.layout import check_block_aligned, compact_rows, full_layout, kept_positions
 from megatron_uni.diffusion.noising import NoiseConfig, noise_batch
 from megatron_uni.tokens import Vocabulary
 
@@ -64,7 +64,7 @@ class DiffusionInputs:
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        """Layout descriptor ``[b, 3, S]`` for the block attention (see ``layout.py``).
+        """Layout descriptor ``[b, 3, S]`` for the block attention (see ``megatron_uni.attention.layout``).
 
         Built once and returned again on later calls: the attention caches its BlockMask per
         descriptor tensor, so one tensor per micro-batch means one mask build per micro-batch.

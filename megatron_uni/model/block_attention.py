@@ -4,7 +4,7 @@ Same constructor and forward signature as
 ``megatron.core.transformer.dot_product_attention.DotProductAttention``. ``attention_mask`` is
 either
 
-* the attention-layout descriptor (int32 ``[b, 3, S]``, ``megatron_uni.diffusion.layout``):
+* the attention-layout descriptor (int32 ``[b, 3, S]``, ``megatron_uni.attention.layout``):
   on GPU a compiled FlexAttention call with a ``BlockMask`` built once per descriptor and
   reused by every layer; on CPU SDPA over chunks of queries with the bool mask of the chunk
   only (memory O(chunk x S) instead of O(S^2)); or
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_uni.diffusion.layout import AttentionLayout, is_descriptor
-from megatron_uni.diffusion.masks import BlockMaskCache, allowed_rows
+from megatron_uni.attention.layout import AttentionLayout, is_descriptor
+from megatron_uni.attention.masks import BlockMaskCache, allowed_rows
 
 # queries per SDPA call in the CPU fallback
 CPU_QUERY_CHUNK = 1024

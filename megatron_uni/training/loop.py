@@ -23,9 +23,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_uni import checkpoint
 from megatron_uni.config import Config, data_parallel_size, validate_world_size
-from megatron_uni.diffusion.losses import LossSums, combine, mask_embedding_noise_hook
+from megatron_uni.diffusion.losses import LossSums, combine
 from megatron_uni.model.block_attention import block_attention_spec
 from megatron_uni.model.builder import build_model_chunks
+from megatron_uni.model.embedding_noise import mask_embedding_noise_hook
 from megatron_uni.platform.cpu import cpu_optimizer_scope
 from megatron_uni.platform.distributed import init_distributed, is_rank0
 from megatron_uni.training.optim import build_optimizer, build_scheduler

@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from megatron_uni.data import images as rules
+from megatron_uni.vq import images as rules
 
 REASONS = ("missing", "corrupt", "truncated", "too_small")
 

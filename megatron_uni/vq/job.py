@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from megatron_uni.data import image_codes as store
-from megatron_uni.data import images as rules
+from megatron_uni.vq import images as rules
 from megatron_uni.vq.config import VQConfig
 from megatron_uni.vq.decoding import BadImage, ImageItem, Probed, make_decoder, probe
 from megatron_uni.vq.encoder import SigLIPVQ, build_seeded
