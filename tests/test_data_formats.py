@@ -7,6 +7,7 @@ from megatron_uni.data.batch import MODALITY_IMAGE, MODALITY_SPECIAL, MODALITY_T
 from megatron_uni.data.demo import build_demo_tokenizer
 from megatron_uni.data.formats import BuildContext, build_sample, parse_line
 from megatron_uni.data.schema import SampleError, Where
+from megatron_uni.data.storage import LOSS_BIT, encode_positions
 from megatron_uni.tokens import Vocabulary
 
 IMAGES = {"a": (2, 2, [1, 2, 3, 4]), "b": (2, 2, [5, 6, 7, 8]), "c": (2, 3, [0] * 6)}
@@ -82,7 +83,7 @@ def test_caption_only_response_maskable(vocab):
     response = vocab.encode("a red circle") + [vocab.eos_id]
     assert s.tokens[-len(response):].tolist() == response
     assert s.maskable.tolist() == [False] * (len(s) - len(response)) + [True] * len(response)
-    assert (s.loss == s.maskable).all()
+    assert (((encode_positions(s) & LOSS_BIT) != 0) == s.maskable).all()  # stored loss mask = maskable
     image = np.flatnonzero(s.modality == MODALITY_IMAGE)
     assert s.tokens[image].tolist() == [vocab.image_token(c) for c in IMAGES["a"][2]]
     assert s.tokens[0] == vocab.special("role_system") and s.modality[0] == MODALITY_SPECIAL

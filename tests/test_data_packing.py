@@ -16,7 +16,7 @@ def fake_sample(ref, start, end):
     """Document ``ref`` holds tokens 1000*ref + position; its second half is maskable."""
     positions = np.arange(start, end)
     return TokenizedSample(tokens=1000 * ref + positions, maskable=positions % 2 == 1,
-                           loss=positions % 2 == 1, modality=np.zeros(end - start, np.int8))
+                           modality=np.zeros(end - start, np.int8))
 
 
 def plan(lengths, **kw):

@@ -12,7 +12,8 @@ from megatron_uni.data.demo import DEMO_IMAGE_CODES, DEMO_TEXT_VOCAB, make_demo_
 from megatron_uni.data.loader import PackedBatchLoader
 from megatron_uni.data.packing import PackingSettings
 from megatron_uni.data.sequence import TokenizedSample
-from megatron_uni.data.storage import SampleDataset, SampleWriter, decode_positions, encode_positions
+from megatron_uni.data.storage import (LOSS_BIT, MASKABLE_BIT, SampleDataset, SampleWriter, decode_positions,
+                                       encode_positions)
 from megatron_uni.tokens import Vocabulary
 
 
@@ -32,15 +33,18 @@ def demo(tmp_path_factory):
 def test_packed_int_encoding_round_trip():
     rng = np.random.default_rng(0)
     sample = TokenizedSample(tokens=rng.integers(0, 173568, 50), maskable=rng.random(50) < 0.5,
-                             loss=rng.random(50) < 0.3, modality=rng.integers(0, 3, 50).astype(np.int8))
-    back = decode_positions(encode_positions(sample))
-    for name in ("tokens", "maskable", "loss", "modality"):
+                             modality=rng.integers(0, 3, 50).astype(np.int8))
+    packed = encode_positions(sample)
+    back = decode_positions(packed)
+    for name in ("tokens", "maskable", "modality"):
         assert np.array_equal(getattr(back, name), getattr(sample, name)), name
+    # the on-disk loss bit stays in the format, equal to the maskable bit
+    assert np.array_equal((packed & LOSS_BIT) != 0, (packed & MASKABLE_BIT) != 0)
 
 
 def test_indexed_dataset_round_trip(tmp_path):
-    samples = [TokenizedSample(np.arange(n) + 170000, np.arange(n) % 3 == 0, np.arange(n) % 3 == 0,
-                               np.full(n, 1, np.int8)) for n in (3, 10, 1)]
+    samples = [TokenizedSample(np.arange(n) + 170000, np.arange(n) % 3 == 0, np.full(n, 1, np.int8))
+               for n in (3, 10, 1)]
     writer = SampleWriter(str(tmp_path / "x"))
     for s in samples:
         writer.add(s)

@@ -1,7 +1,7 @@
 """One tokenized sample: token ids plus the per-token masks that travel with them.
 
-``maskable``  the noiser may mask this position (a target: response text, generated image codes)
-``loss``      the position contributes to the loss when masked (a subset of ``maskable``)
+``maskable``  the noiser may mask this position (a target: response text, generated image codes);
+              every masked target is scored, so this is also the loss mask
 ``modality``  MODALITY_TEXT / MODALITY_IMAGE / MODALITY_SPECIAL of :mod:`megatron_uni.data.batch`
 """
 
@@ -20,15 +20,10 @@ from megatron_uni.tokens import Vocabulary
 class TokenizedSample:
     tokens: np.ndarray    # int64 [n]
     maskable: np.ndarray  # bool  [n]
-    loss: np.ndarray      # bool  [n]
     modality: np.ndarray  # int8  [n]
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
-
-    def slice(self, start: int, end: int) -> "TokenizedSample":
-        return TokenizedSample(self.tokens[start:end], self.maskable[start:end],
-                               self.loss[start:end], self.modality[start:end])
 
 
 class SequenceBuilder:
@@ -64,10 +59,8 @@ class SequenceBuilder:
         return self
 
     def build(self) -> TokenizedSample:
-        maskable = np.asarray(self._maskable, dtype=bool)
         return TokenizedSample(
             tokens=np.asarray(self._tokens, dtype=np.int64),
-            maskable=maskable,
-            loss=maskable.copy(),  # every target is scored; kept separate so formats may differ later
+            maskable=np.asarray(self._maskable, dtype=bool),
             modality=np.asarray(self._modality, dtype=np.int8),
         )

@@ -4,7 +4,9 @@ Each position is ONE int32 holding the token id and its masks (one read, one fil
 
     bits  0..23  token id            (< 16.7M; the Uni vocabulary is 173568)
     bit   24     maskable
-    bit   25     loss
+    bit   25     loss: written equal to bit 24 and ignored on read (every target is scored); kept
+                 so datasets stay byte-identical and a separate loss mask can come back without
+                 a format change
     bits 26..27  modality            (0 text, 1 image code, 2 structural/special)
 
 Values stay non-negative, so megatron-core tools (merging, inspection of lengths) work unchanged;
@@ -23,7 +25,7 @@ from megatron_uni.data.sequence import TokenizedSample
 TOKEN_BITS = 24
 TOKEN_MASK = (1 << TOKEN_BITS) - 1
 MASKABLE_BIT = 1 << 24
-LOSS_BIT = 1 << 25
+LOSS_BIT = 1 << 25  # on-disk format only; see the module docstring
 MODALITY_SHIFT = 26
 STORAGE_DTYPE = np.int32
 
@@ -32,7 +34,7 @@ def encode_positions(sample: TokenizedSample) -> np.ndarray:
     tokens = sample.tokens.astype(np.int64)
     if tokens.size and (tokens.min() < 0 or tokens.max() > TOKEN_MASK):
         raise ValueError(f"token ids must lie in [0, {TOKEN_MASK}] to be stored, got {tokens.min()}..{tokens.max()}")
-    packed = (tokens | sample.maskable.astype(np.int64) * MASKABLE_BIT | sample.loss.astype(np.int64) * LOSS_BIT
+    packed = (tokens | sample.maskable.astype(np.int64) * (MASKABLE_BIT | LOSS_BIT)
               | sample.modality.astype(np.int64) << MODALITY_SHIFT)
     return packed.astype(STORAGE_DTYPE)
 
@@ -40,7 +42,7 @@ def encode_positions(sample: TokenizedSample) -> np.ndarray:
 def decode_positions(packed: np.ndarray) -> TokenizedSample:
     packed = packed.astype(np.int64)
     return TokenizedSample(tokens=packed & TOKEN_MASK, maskable=(packed & MASKABLE_BIT) != 0,
-                           loss=(packed & LOSS_BIT) != 0, modality=((packed >> MODALITY_SHIFT) & 3).astype(np.int8))
+                           modality=((packed >> MODALITY_SHIFT) & 3).astype(np.int8))
 
 
 def _indexed():
