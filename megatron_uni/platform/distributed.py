@@ -6,8 +6,10 @@ gloo on CPU, NCCL on GPU. The CPU patches are applied here, before megatron-core
 from __future__ import annotations
 
 import datetime
+import os
 import random
 import socket
+import uuid
 from typing import Optional
 
 import numpy as np
@@ -19,9 +21,19 @@ from megatron_uni.platform.launch import LaunchInfo, detect_launch
 
 
 def free_port() -> int:
+    """A port free *now*: another process may take it before it is bound (prefer :func:`file_rendezvous`)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def file_rendezvous(directory: str) -> str:
+    """``init_method`` for ranks of one machine: a new FileStore file in ``directory``.
+
+    Nothing is chosen before the ranks start, so nothing can be taken meanwhile -- unlike a port
+    from :func:`free_port` handed to spawned ranks, which another process may bind first.
+    """
+    return "file://" + os.path.join(os.path.abspath(directory), f"rendezvous-{uuid.uuid4().hex}")
 
 
 def seed_everything(seed: int) -> None:
@@ -39,10 +51,15 @@ def init_process_group(launch: LaunchInfo, init_method: Optional[str] = None, ti
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-    init_method = init_method or f"tcp://{launch.master_addr}:{launch.master_port}"
+    if init_method is None and launch.world_size == 1:
+        # one process needs no rendezvous: an in-memory store binds no port, so concurrent
+        # single-process runs on one machine cannot collide on MASTER_PORT
+        rendezvous = {"store": torch.distributed.HashStore()}
+    else:
+        rendezvous = {"init_method": init_method or f"tcp://{launch.master_addr}:{launch.master_port}"}
     torch.distributed.init_process_group(
         backend=launch.backend, rank=launch.rank, world_size=launch.world_size,
-        init_method=init_method, timeout=datetime.timedelta(minutes=timeout_minutes),
+        timeout=datetime.timedelta(minutes=timeout_minutes), **rendezvous,
     )
 
 
@@ -74,8 +91,8 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, launch: Optiona
 
 
 def init_single_process(parallel: Optional[ParallelConfig] = None, seed: int = 1234) -> LaunchInfo:
-    """World size 1 on a free local port: tests, ``info`` and single-process tools."""
-    launch = LaunchInfo(rank=0, world_size=1, local_rank=0, launcher="single", master_port=free_port())
+    """World size 1 (an in-memory store, no port): tests, ``info`` and single-process tools."""
+    launch = LaunchInfo(rank=0, world_size=1, local_rank=0, launcher="single")
     return init_distributed(parallel or ParallelConfig(), seed=seed, launch=launch)
 
 
