@@ -91,20 +91,20 @@ def checkpoint_dir(out_dir: str, variant: str) -> str:
 # ----------------------------------------------------------------------------------------------
 def spawn(out_dir: str, names: Sequence[str], world: int) -> None:
     """Run the named layouts (all of world size ``world``) in ``world`` gloo processes."""
-    from megatron_uni.platform.distributed import free_port
+    from megatron_uni.platform.distributed import file_rendezvous
 
-    mp.start_processes(_worker, args=(world, free_port(), out_dir, list(names)), nprocs=world,
+    mp.start_processes(_worker, args=(world, file_rendezvous(out_dir), out_dir, list(names)), nprocs=world,
                        start_method="spawn")
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, names: List[str]) -> None:
+def _worker(rank: int, world: int, init_method: str, out_dir: str, names: List[str]) -> None:
     from megatron_uni.config import ParallelConfig
     from megatron_uni.platform.distributed import destroy, init_distributed
     from megatron_uni.platform.launch import LaunchInfo
 
     torch.set_num_threads(1)
-    launch = LaunchInfo(rank=rank, world_size=world, local_rank=rank, launcher="single", master_port=port)
-    init_distributed(ParallelConfig(), launch=launch, init_method=f"tcp://127.0.0.1:{port}")
+    launch = LaunchInfo(rank=rank, world_size=world, local_rank=rank, launcher="single")
+    init_distributed(ParallelConfig(), launch=launch, init_method=init_method)
     try:
         for name in names:
             layout = REFERENCES.get(name) or LAYOUTS[name]
@@ -136,7 +136,7 @@ def _build_chunks(cfg):
 def _save_reference_weights(out_dir: str, layout: Layout) -> None:
     """Fresh random weights of the single-process model, saved once for every layout to load."""
     from megatron_uni.checkpoint import save_checkpoint
-    from tests.diffusion_helpers import tiny_vocab
+    from diffusion_helpers import tiny_vocab
 
     cfg = _config(layout)
     chunks = _build_chunks(cfg)
@@ -209,7 +209,7 @@ def local_microbatch_indices(dp_rank: int, dp_size: int) -> List[int]:
 def microbatch(index: int, weighting: str):
     """Micro-batch ``index`` of the fixed global batch: identical in every process."""
     from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs
-    from tests.diffusion_helpers import random_batch, tiny_vocab
+    from diffusion_helpers import random_batch, tiny_vocab
 
     vocab = tiny_vocab()
     batch = random_batch(torch.Generator().manual_seed(1000 + index), MICRO_BATCH_SIZE, SEQ_LENGTH,

@@ -8,7 +8,7 @@
 
 Each outcome records whether the scenario passed, and if not the exception type, its message and
 the innermost megatron-core frame (the upstream line the patch works around). Multi-rank
-scenarios fork their ranks (gloo over 127.0.0.1); fork is safe because CUDA is absent and torch
+scenarios fork their ranks (gloo, meeting through a FileStore); fork is safe because CUDA is absent and torch
 runs on one thread. ``tests/test_platform_cpu.py`` reads the JSON and asserts on it.
 """
 
@@ -26,14 +26,12 @@ import time
 import traceback
 from typing import Callable, Dict, List, Optional
 
+import torch
+
+from megatron_uni.config import ModelConfig, ParallelConfig, load_config
+from megatron_uni.platform import cpu
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import torch  # noqa: E402
-
-from megatron_uni.config import ModelConfig, ParallelConfig, load_config  # noqa: E402
-from megatron_uni.platform import cpu  # noqa: E402
 
 RANK_TIMEOUT_S = 60
 MCORE_MARK = os.sep + os.path.join("megatron", "core") + os.sep
@@ -155,23 +153,23 @@ def _single(fn: Callable[[], None], parallel: Optional[ParallelConfig] = None) -
 
 def _ranks(world: int, parallel: ParallelConfig, fn: Callable[[int], None]) -> None:
     """Run ``fn(rank)`` on ``world`` forked gloo ranks; raise the first rank's failure."""
-    from megatron_uni.platform.distributed import destroy, free_port, init_distributed
+    from megatron_uni.platform.distributed import destroy, file_rendezvous, init_distributed
     from megatron_uni.platform.launch import LaunchInfo
 
-    port = free_port()
-
-    def rank_main(rank: int) -> Callable[[], Dict]:
+    def rank_main(rank: int, init_method: str) -> Callable[[], Dict]:
         def run() -> Dict:
-            launch = LaunchInfo(rank=rank, world_size=world, local_rank=rank, launcher="single", master_port=port)
+            launch = LaunchInfo(rank=rank, world_size=world, local_rank=rank, launcher="single")
 
             def body():
-                init_distributed(parallel, launch=launch)
+                init_distributed(parallel, launch=launch, init_method=init_method)
                 fn(rank)
                 destroy()
             return _outcome(body)
         return run
 
-    results = _in_children([rank_main(rank) for rank in range(world)], RANK_TIMEOUT_S)
+    with tempfile.TemporaryDirectory() as rendezvous_dir:
+        init_method = file_rendezvous(rendezvous_dir)
+        results = _in_children([rank_main(rank, init_method) for rank in range(world)], RANK_TIMEOUT_S)
     failures = sorted((r for r in results if not r["ok"]), key=lambda r: r["error"] == "Aborted")
     if failures:  # the rank that failed first, not a peer ended because of it
         raise RankFailure(failures[0])

@@ -13,15 +13,13 @@ from megatron_uni.model import block_attention
 from megatron_uni.model.block_attention import BlockDiffusionAttention, block_attention_spec
 from megatron_uni.model.builder import build_model
 from megatron_uni.model.position_rope import use_position_ids_for_rope
-from megatron_uni.platform.distributed import init_single_process
-from tests.diffusion_helpers import random_batch, tiny_vocab
+from diffusion_helpers import random_batch, tiny_vocab
 
 BLOCK = 8
 
 
 @pytest.fixture(scope="module")
-def models():
-    init_single_process()
+def models(single_process):
     cfg = load_config("recipes/model/tiny.yaml").model
     ours = build_model(cfg, core_attention=block_attention_spec())
     use_position_ids_for_rope(ours)
@@ -42,11 +40,18 @@ def make_inputs(seed=0, prefix_aware=False, length=64, prompt_blocks=1):
 def test_layout_descriptor_matches_megatron_attention_with_dense_mask(models, monkeypatch):
     ours, stock = models
     inputs, _ = make_inputs(1)
-    monkeypatch.setattr(block_attention, "CPU_QUERY_CHUNK", 24)  # several uneven chunks
+    # several uneven query chunks (128 positions by 24): the chunk is passed, and the chunks counted
+    chunked_sdpa, allowed_rows, chunks = block_attention.chunked_sdpa, block_attention.allowed_rows, []
+    monkeypatch.setattr(block_attention, "chunked_sdpa",
+                        lambda q, k, v, layout, scale: chunked_sdpa(q, k, v, layout, scale, chunk=24))
+    monkeypatch.setattr(block_attention, "allowed_rows",
+                        lambda layout, start, stop: chunks.append(stop - start) or allowed_rows(layout, start, stop))
     with torch.no_grad():
         got = ours(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
         want = stock(inputs.input_ids, inputs.position_ids, inputs.dense_attention_mask())
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert inputs.attention_mask.shape[-1] == 128
+    assert chunks == ([24] * 5 + [8]) * ours.config.num_layers, chunks
 
 
 def test_rope_uses_position_ids(models):

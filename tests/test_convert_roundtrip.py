@@ -15,7 +15,7 @@ from convert_helpers import batch, read_hf_folder, run_tool, tiny_config
 LAYOUTS = {"tp1": (1, 1, 1, 1), "tp2_ep2": (2, 1, 2, 4), "pp2": (1, 2, 1, 2)}  # tp, pp, ep, world
 
 
-def _rank_main(rank, world, port, layout, hf_dir, root, results):
+def _rank_main(rank, world, init_method, layout, hf_dir, root, results):
     os.environ["TORCHDYNAMO_DISABLE"] = "1"
     torch.set_num_threads(1)
     from megatron.core import parallel_state as ps
@@ -31,8 +31,8 @@ def _rank_main(rank, world, port, layout, hf_dir, root, results):
     tp, pp, ep, _ = LAYOUTS[layout]
     model_cfg = tiny_config().model
     parallel = ParallelConfig(tensor=tp, pipeline=pp, expert=ep)
-    init_distributed(parallel, launch=LaunchInfo(rank=rank, world_size=world, local_rank=rank, launcher="single",
-                                                 master_port=port))
+    init_distributed(parallel, launch=LaunchInfo(rank=rank, world_size=world, local_rank=rank, launcher="single"),
+                     init_method=init_method)
     groups = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
               "ep": ps.get_expert_model_parallel_world_size(), "world": torch.distributed.get_world_size()}
     with open(os.path.join(results, f"groups{rank}.json"), "w") as f:
@@ -52,11 +52,11 @@ def _rank_main(rank, world, port, layout, hf_dir, root, results):
 
 
 def _spawn_import(layout, hf_dir, root, results):
-    from megatron_uni.platform.distributed import free_port
+    from megatron_uni.platform.distributed import file_rendezvous
 
     os.makedirs(results, exist_ok=True)
     world = LAYOUTS[layout][3]
-    mp.start_processes(_rank_main, args=(world, free_port(), layout, hf_dir, root, results), nprocs=world,
+    mp.start_processes(_rank_main, args=(world, file_rendezvous(results), layout, hf_dir, root, results), nprocs=world,
                        start_method="spawn", join=True)
 
 

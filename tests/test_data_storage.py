@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -15,19 +16,6 @@ from megatron_uni.data.sequence import TokenizedSample
 from megatron_uni.data.storage import (LOSS_BIT, MASKABLE_BIT, SampleDataset, SampleWriter, decode_positions,
                                        encode_positions)
 from megatron_uni.tokens import Vocabulary
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_data(str(root), num_scenes=12, num_paragraphs=8)
-    with open(root / "samples.jsonl", "a") as f:
-        f.write('{"task": "text_to_image", "prompt": "p", "image": "nope"}\n{"task": "text"}\n')
-    settings = BuildSettings(str(root / "tokenizer"), str(root / "image_codes.json"),
-                             num_image_codes=DEMO_IMAGE_CODES)
-    report = build_dataset([str(root / "samples.jsonl")], str(root / "ds" / "demo"), settings)
-    vocab = Vocabulary.from_tokenizer_dir(str(root / "tokenizer"), num_image_codes=DEMO_IMAGE_CODES)
-    return root, report, vocab
 
 
 def test_packed_int_encoding_round_trip():
@@ -56,47 +44,47 @@ def test_indexed_dataset_round_trip(tmp_path):
 
 
 def test_demo_tokenizer_text_vocab_is_1024(demo):
-    _, _, vocab = demo
+    vocab = demo.vocab
     assert vocab.text_size == DEMO_TEXT_VOCAB and vocab.size == 1280
 
 
 def test_build_counts_bad_samples_and_keeps_good(demo):
-    root, report, vocab = demo
+    root, report, vocab = demo.root, demo.report, demo.vocab
     assert report.bad == {"image": 1, "text": 1}
-    lines = open(root / "ds" / "demo.errors.txt").read().splitlines()
+    lines = open(f"{demo.dataset}.errors.txt").read().splitlines()
     assert len(lines) == 2 and lines[0].endswith("field 'image': image key 'nope' not found in the image-code store")
-    data = SampleDataset(str(root / "ds" / "demo"))
+    data = SampleDataset(str(demo.dataset))
     assert len(data) == report.written == sum(1 for _ in open(root / "samples.jsonl")) - 2
     first = data.get(0)
     assert first.tokens.max() < vocab.size and first.maskable.any()
 
 
 def test_demo_generation_is_deterministic(demo, tmp_path):
-    root, _, _ = demo
-    make_demo_data(str(tmp_path), num_scenes=12, num_paragraphs=8)
+    root = demo.root
+    make_demo_data(str(tmp_path), **demo.make_args)
     for name in ("image_codes.json", os.path.join("tokenizer", "tokenizer.json"),
                  os.path.join("images", "scene_00003.png")):
         assert hashlib.md5((tmp_path / name).read_bytes()).digest() == hashlib.md5((root / name).read_bytes()).digest()
 
 
 def test_parallel_build_is_byte_identical(demo, tmp_path):
-    root, _, _ = demo
+    root = demo.root
     settings = BuildSettings(str(root / "tokenizer"), str(root / "image_codes.json"),
                              num_image_codes=DEMO_IMAGE_CODES)
     build_dataset([str(root / "samples.jsonl")], str(tmp_path / "par"), settings, workers=2)
     for ext in (".bin", ".idx"):
-        assert (tmp_path / f"par{ext}").read_bytes() == (root / "ds" / f"demo{ext}").read_bytes()
+        assert (tmp_path / f"par{ext}").read_bytes() == pathlib.Path(f"{demo.dataset}{ext}").read_bytes()
 
 
-def loader(root, vocab, rank=0, world=1, split=False):
-    return PackedBatchLoader.open([BlendEntry(str(root / "ds" / "demo"), 1.0)], vocab,
+def loader(dataset, vocab, rank=0, world=1, split=False):
+    return PackedBatchLoader.open([BlendEntry(str(dataset), 1.0)], vocab,
                                   PackingSettings(seq_length=256, block_size=32, split_samples=split),
                                   micro_batch_size=2, seed=5, dp_rank=rank, dp_world=world)
 
 
 def test_loader_batches_follow_contract(demo):
-    root, _, vocab = demo
-    stream = loader(root, vocab)
+    root, vocab = demo.root, demo.vocab
+    stream = loader(demo.dataset, vocab)
     batch = next(stream)
     assert batch.tokens.shape == (2, 256)
     for row in range(2):
@@ -117,26 +105,26 @@ def torch_bool(mask):
 
 
 def test_loader_resume_and_dp_sharding(demo):
-    root, _, vocab = demo
-    straight = loader(root, vocab, split=True)
+    root, vocab = demo.root, demo.vocab
+    straight = loader(demo.dataset, vocab, split=True)
     for _ in range(3):
         next(straight)
     state = straight.state_dict()
     expected = [next(straight).tokens for _ in range(3)]
-    resumed = loader(root, vocab, split=True)
+    resumed = loader(demo.dataset, vocab, split=True)
     resumed.load_state_dict(state)
     assert all((next(resumed).tokens == e).all() for e in expected)
     # two DP ranks together read what one rank reads with a doubled micro-batch
-    ranks = [next(loader(root, vocab, rank=r, world=2, split=True)).tokens for r in range(2)]
-    single = loader(root, vocab, split=True)
+    ranks = [next(loader(demo.dataset, vocab, rank=r, world=2, split=True)).tokens for r in range(2)]
+    single = loader(demo.dataset, vocab, split=True)
     assert (single.rows([0, 1, 2, 3]).tokens == np.concatenate([t.numpy() for t in ranks])).all()
 
 
 def test_open_training_data_from_recipe_sections(demo):
     from megatron_uni.config import load_config
     from megatron_uni.data.loader import open_training_data
-    root, _, _ = demo
-    cfg = load_config(None, [f"data.path={root / 'ds' / 'demo'}", f"data.tokenizer={root / 'tokenizer'}",
+    root = demo.root
+    cfg = load_config(None, [f"data.path={demo.dataset}", f"data.tokenizer={root / 'tokenizer'}",
                              "data.seq_length=128", "data.block_size=16", "model.text_vocab=1024",
                              "model.num_image_codes=256"])
     batch = next(open_training_data(cfg.data, cfg.model))
@@ -149,7 +137,7 @@ def test_open_training_data_from_recipe_sections(demo):
 
 def test_demo_manifest_lists_every_image_key(demo):
     import json
-    root, _, _ = demo
+    root = demo.root
     manifest = [json.loads(line) for line in open(root / "images.jsonl")]
     codes = json.load(open(root / "image_codes.json"))
     assert [m["key"] for m in manifest] == list(codes)
@@ -157,11 +145,11 @@ def test_demo_manifest_lists_every_image_key(demo):
 
 
 def test_loader_refuses_dataset_built_with_other_vocabulary(demo):
-    root, _, vocab = demo
+    root, vocab = demo.root, demo.vocab
     other = Vocabulary.from_tokenizer_dir(str(root / "tokenizer"), text_size=1100, num_image_codes=DEMO_IMAGE_CODES)
     with pytest.raises(ValueError, match="was built with text_size=1024, this run uses 1100"):
-        loader(root, other)
-    built = __import__("json").load(open(root / "ds" / "demo.build.json"))
+        loader(demo.dataset, other)
+    built = __import__("json").load(open(f"{demo.dataset}.build.json"))
     assert built["vocabulary"]["special_ids"] == dict(vocab.special_ids)
 
 
@@ -169,7 +157,7 @@ def test_build_reads_image_code_store_like_fallback(demo, tmp_path):
     """The VQ tool's ImageCodeStore (directory) and the demo's image_codes.json give the same dataset."""
     import json
     from megatron_uni.data.image_codes import merge_index, shard_path, write_shard
-    root, _, _ = demo
+    root = demo.root
     table = json.load(open(root / "image_codes.json"))
     store = tmp_path / "store"
     entries = [(k, v["grid_h"], v["grid_w"], np.asarray(v["codes"])) for k, v in table.items()]
@@ -178,4 +166,4 @@ def test_build_reads_image_code_store_like_fallback(demo, tmp_path):
     merge_index(str(store), [0, 1], {})
     settings = BuildSettings(str(root / "tokenizer"), str(store), num_image_codes=DEMO_IMAGE_CODES)
     build_dataset([str(root / "samples.jsonl")], str(tmp_path / "from_store"), settings)
-    assert (tmp_path / "from_store.bin").read_bytes() == (root / "ds" / "demo.bin").read_bytes()
+    assert (tmp_path / "from_store.bin").read_bytes() == pathlib.Path(f"{demo.dataset}.bin").read_bytes()

@@ -8,7 +8,7 @@ from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs
 from megatron_uni.diffusion.losses import LossSums, add_sums, all_reduce_sums, combine, confidence_entropy, loss_sums
 from megatron_uni.diffusion.noising import NoiseConfig
 from megatron_uni.model.embedding_noise import mask_embedding_noise_hook
-from tests.diffusion_helpers import random_batch, tiny_vocab
+from diffusion_helpers import random_batch, tiny_vocab
 
 
 def _inputs(seed, weighting="mean"):
@@ -65,8 +65,11 @@ def test_confidence_entropy_only_where_argmax_is_the_label():
     assert torch.equal(counted, want)
     torch.testing.assert_close(entropy[want], expected[want])
     assert (entropy[~want] == 0).all()
-    # vocab-sharded call on one shard covering everything gives the same
-    sharded, _ = confidence_entropy(logits, labels, vocab_start=0, tp_group=None)
+    # the same logits as the shard holding vocabulary rows 100..110: labels are global ids, so an
+    # ignored vocab_start would count no label (the multi-shard case runs in test_diffusion_parallel)
+    global_labels = torch.where(labels == IGNORE_INDEX, labels, labels + 100)
+    sharded, sharded_counted = confidence_entropy(logits, global_labels, vocab_start=100, tp_group=None)
+    assert torch.equal(sharded_counted, want)
     torch.testing.assert_close(sharded, entropy)
 
 

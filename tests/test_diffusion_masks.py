@@ -10,7 +10,7 @@ from megatron_uni.attention.masks import BlockMaskCache, block_mask, dense_mask,
 from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs
 from megatron_uni.diffusion.layout import full_layout
 from megatron_uni.diffusion.noising import NoiseConfig
-from tests.diffusion_helpers import random_batch, tiny_vocab
+from diffusion_helpers import random_batch, tiny_vocab
 
 
 def brute_force(layout: AttentionLayout) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from megatron_uni.data.batch import IGNORE_INDEX
 from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs, per_document_sum
 from megatron_uni.diffusion.noising import NoiseConfig, noise_batch, sample_ratio
-from tests.diffusion_helpers import random_batch, tiny_vocab
+from diffusion_helpers import random_batch, tiny_vocab
 
 
 def test_only_maskable_positions_are_masked_with_the_vocab_mask_id():

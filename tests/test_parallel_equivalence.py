@@ -17,7 +17,7 @@ from typing import Dict
 import pytest
 import torch
 
-from tests import parallel_helpers as ph
+import parallel_helpers as ph
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -32,15 +32,6 @@ def test_image_codes_add_two_embedding_matrices_of_rows():
     assert uni.total - text.total == uni.active - text.active == 2 * 16384 * 2048
 
 
-@pytest.fixture(scope="module")
-def single_process():
-    from megatron_uni.platform.distributed import destroy, init_single_process
-
-    init_single_process()
-    yield
-    destroy()
-
-
 TINY_VARIANTS = {
     "recipe": [],
     "no_shared_expert": ["model.moe_shared_expert_intermediate_size=null"],

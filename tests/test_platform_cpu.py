@@ -55,7 +55,6 @@ def outcomes(tmp_path_factory):
 
 
 def test_every_patch_has_a_scenario_and_an_expectation():
-    sys.path.insert(0, TESTS)
     import platform_scenarios
 
     assert set(platform_scenarios.SCENARIOS) == set(cpu.PATCHES)

@@ -15,8 +15,6 @@ import sys
 import pytest
 import torch
 
-from megatron_uni.data.build import BuildSettings, build_dataset
-from megatron_uni.data.demo import make_demo_data
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -24,14 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITER_LINE = re.compile(r"^iter\s+(\d+)/\d+ \| loss (\S+)", re.M)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("demo"))
-    make_demo_data(root, num_scenes=12, num_paragraphs=16, seed=0)
-    settings = BuildSettings(tokenizer_dir=os.path.join(root, "tokenizer"),
-                             image_codes=os.path.join(root, "image_codes.json"), num_image_codes=256)
-    build_dataset([os.path.join(root, "samples.jsonl")], os.path.join(root, "dataset", "demo"), settings)
-    return root
+def _data_args(demo):
+    return f"data.path={demo.dataset}", f"data.tokenizer={demo.root / 'tokenizer'}"
 
 
 def _cli(*args, **kwargs):
@@ -41,8 +33,8 @@ def _cli(*args, **kwargs):
 
 
 def _train(demo, save, iters, *extra):
-    proc = _cli("train", "recipes/demo/tiny_cpu.yaml", f"data.path={demo}/dataset/demo",
-                f"data.tokenizer={demo}/tokenizer", f"checkpoint.save={save}", f"schedule.train_iters={iters}",
+    proc = _cli("train", "recipes/demo/tiny_cpu.yaml", *_data_args(demo), f"checkpoint.save={save}",
+                f"schedule.train_iters={iters}",
                 "schedule.warmup_iters=1", "checkpoint.save_interval=0", "data.seq_length=128", *extra)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
@@ -78,8 +70,8 @@ def test_resumed_run_equals_uninterrupted_run(demo, tmp_path):
 
 def test_preemption_signal_saves_and_exits(demo, tmp_path):
     save = tmp_path / "ckpt"
-    proc = _cli("train", "recipes/demo/tiny_cpu.yaml", f"data.path={demo}/dataset/demo",
-                f"data.tokenizer={demo}/tokenizer", f"checkpoint.save={save}", "schedule.train_iters=200",
+    proc = _cli("train", "recipes/demo/tiny_cpu.yaml", *_data_args(demo), f"checkpoint.save={save}",
+                "schedule.train_iters=200",
                 "checkpoint.save_interval=0", "data.seq_length=128")
     lines = []
     for line in proc.stdout:
@@ -112,9 +104,49 @@ def test_prefix_aware_step_equals_full_step_and_every_option_trains(demo, tmp_pa
     full [noisy | clean] layout; all noising / weighting options together still train."""
     grad_norm = re.compile(r"^iter\s+1/\d+ \| loss (\S+) .*grad_norm (\S+)", re.M)
     _, full = _train(demo, str(tmp_path / "full"), 1)
-    _, compact = _train(demo, str(tmp_path / "compact"), 1, "diffusion.prefix_aware=true")
+    compact_losses, compact = _train(demo, str(tmp_path / "compact"), 1, "diffusion.prefix_aware=true")
     assert grad_norm.search(full).groups() == grad_norm.search(compact).groups()
+    # the mask-embedding noise hook is registered by the loop: it alone changes the first loss
+    noisy, _ = _train(demo, str(tmp_path / "noise"), 1, "diffusion.prefix_aware=true", *MASK_NOISE)
+    assert noisy[1] != compact_losses[1], (noisy, compact_losses)
     losses, _ = _train(demo, str(tmp_path / "all"), 2, "diffusion.prefix_aware=true",
-                       "diffusion.weighting=sqrt_masked", "diffusion.complementary=true", "diffusion.per_block=true",
-                       "diffusion.antithetic=true", "diffusion.mask_noise_std=0.02", "diffusion.mask_noise_steps=1")
+                       *(f"diffusion.{key}={value}" for key, value in DATA_OPTIONS.items()), *MASK_NOISE)
     assert sorted(losses) == [1, 2] and all(0 < v < 20 for v in losses.values())
+    assert losses[1] not in (compact_losses[1], noisy[1]), (losses, compact_losses, noisy)
+
+
+MASK_NOISE = ("diffusion.mask_noise_std=0.02", "diffusion.mask_noise_steps=1")
+# option -> a non-default value; each must change the micro-batches the loop trains on
+DATA_OPTIONS = {"weighting": "sqrt_masked", "complementary": "true", "per_block": "true", "antithetic": "true"}
+
+
+def _first_microbatch(demo, *overrides):
+    from megatron_uni.config import load_config
+    from megatron_uni.training.batches import MicrobatchSource
+
+    cfg = load_config("recipes/demo/tiny_cpu.yaml", [*_data_args(demo), "data.seq_length=128", *overrides])
+    return MicrobatchSource(cfg)(0, 0, 0, 1)
+
+
+def _same_inputs(a, b) -> bool:
+    return all(x.shape == y.shape and torch.equal(x, y) for x, y in
+               ((a.input_ids, b.input_ids), (a.labels, b.labels), (a.loss_weights, b.loss_weights),
+                (a.attention_mask, b.attention_mask)))
+
+
+@pytest.mark.parametrize("option", sorted(DATA_OPTIONS))
+def test_every_diffusion_option_changes_the_loop_microbatches(demo, option):
+    """The loop's own micro-batch source honours each option (an ignored one would pass the run above)."""
+    baseline = _first_microbatch(demo)
+    assert _same_inputs(baseline, _first_microbatch(demo))  # deterministic, so a difference is the option's
+    assert not _same_inputs(baseline, _first_microbatch(demo, f"diffusion.{option}={DATA_OPTIONS[option]}"))
+
+
+def test_prefix_aware_option_compacts_the_loop_microbatches(demo):
+    """Without this the equal losses of the full and the prefix-aware run above could be one layout twice."""
+    from megatron_uni.attention.layout import FILLER_DOC
+
+    full, compact = _first_microbatch(demo), _first_microbatch(demo, "diffusion.prefix_aware=true")
+    assert full.input_ids.shape[1] == 2 * 128 and (full.layout.doc != FILLER_DOC).all()
+    # rows are padded to the pad multiple with filler: count the positions that are kept
+    assert (compact.layout.doc != FILLER_DOC).sum() < full.layout.doc.numel()
