@@ -14,20 +14,16 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from megatron_uni.diffusion.layout import full_layout  # noqa: E402
-from megatron_uni.attention.masks import block_mask, dense_mask  # noqa: E402
-from megatron_uni.model.block_attention import chunked_sdpa  # noqa: E402
+from megatron_uni.attention.masks import block_mask, dense_mask
+from megatron_uni.diffusion.layout import full_layout
+from megatron_uni.model.block_attention import chunked_sdpa
 
 
 def parse_args(argv=None) -> argparse.Namespace:

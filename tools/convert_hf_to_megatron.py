@@ -17,13 +17,10 @@ layout writes the same values; padding rows are zero. Any saved layout loads at 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_uni.config import load_config, validate_world_size  # noqa: E402
-from megatron_uni.convert.hf_io import ConversionError  # noqa: E402
+from megatron_uni.config import load_config, validate_world_size
+from megatron_uni.convert.hf_io import ConversionError
 
 
 def parse_args(argv=None):

@@ -14,12 +14,9 @@ decoder-turbo/ vae/ plus the remote-code .py files of --base (copied, or linked 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_uni.convert.hf_io import ConversionError  # noqa: E402
+from megatron_uni.convert.hf_io import ConversionError
 
 DTYPES = ("bfloat16", "float32")
 

@@ -12,13 +12,10 @@ token_ids, h, w, model_path). See docs/conversion.md for the full format.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_uni.config import ModelConfig  # noqa: E402
-from megatron_uni.convert.hf_io import ConversionError  # noqa: E402
+from megatron_uni.config import ModelConfig
+from megatron_uni.convert.hf_io import ConversionError
 
 DEFAULTS = ModelConfig()
 

@@ -7,17 +7,13 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-from megatron_uni.diffusion.inputs import DiffusionConfig  # noqa: E402
-from megatron_uni.diffusion.noising import NoiseConfig  # noqa: E402
-from megatron_uni.diffusion.savings import SHAPES, measure  # noqa: E402
-from megatron_uni.tokens import Vocabulary  # noqa: E402
+from megatron_uni.diffusion.inputs import DiffusionConfig
+from megatron_uni.diffusion.noising import NoiseConfig
+from megatron_uni.diffusion.savings import SHAPES, measure
+from megatron_uni.tokens import Vocabulary
 
 
 def parse_args(argv=None) -> argparse.Namespace:

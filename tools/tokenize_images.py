@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_uni.vq.images import GENERATION_TARGETS, MODES  # noqa: E402
-from megatron_uni.vq.job import JobSpec, run_job  # noqa: E402
+from megatron_uni.vq.images import GENERATION_TARGETS, MODES
+from megatron_uni.vq.job import JobSpec, run_job
 
 
 def parse_args(argv=None) -> JobSpec:
