@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_uni.fileio import atomic_write_text
+from megatron_uni.fileio import atomic_write_text, write_json
 
 FORMAT = "megatron_uni.checkpoint/1"
 LATEST = "latest"
@@ -94,7 +94,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
             "extra_keys": sorted(extra_sharded or {}),
             **(extra_metadata or {}),
         }
-        atomic_write_text(os.path.join(iter_dir, METADATA), json.dumps(metadata, indent=2, sort_keys=True))
+        write_json(os.path.join(iter_dir, METADATA), metadata)
         atomic_write_text(os.path.join(root, LATEST), iteration_dir_name(iteration) + "\n")
     _barrier()
     return iter_dir

@@ -1,8 +1,11 @@
-"""Crash-safe file writes shared by the checkpoint and data stores."""
+"""Crash-safe file writes: every file the package writes whole (checkpoints, the image-code store,
+JSON configs and reports) goes through here."""
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any, Optional
 
 
 def atomic_write_bytes(path: str, payload: bytes) -> None:
@@ -18,3 +21,8 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: str, value: Any, indent: Optional[int] = 2, sort_keys: bool = True) -> None:
+    """``value`` as JSON ending in a newline, written atomically (HF's layout with the defaults)."""
+    atomic_write_text(path, json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n")

@@ -89,3 +89,19 @@ def test_real_mpich_launch_is_detected():
                          timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     assert out.returncode == 0, out.stderr
     assert sorted(out.stdout.splitlines()) == ["0 2 0 mpi", "1 2 1 mpi"]
+
+
+def test_vq_job_local_rank_reads_the_same_launcher_table(monkeypatch):
+    from types import SimpleNamespace
+
+    from megatron_uni.platform import launch
+    from megatron_uni.vq.job import local_rank
+
+    for _, *keys in launch._SOURCES:
+        for key in keys:
+            monkeypatch.delenv(key, raising=False)
+    comm = SimpleNamespace(rank=5)
+    assert local_rank(comm) == 5  # bare mpi4py without launcher variables: the MPI rank
+    for key, value in {**SLURM, "PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALRANKID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    assert local_rank(comm) == 2  # srun over MPI: Slurm's entry wins, as in detect_launch

@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_uni.fileio import write_json  # also the writer of exporter.py and tiny_hf.py
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -36,12 +38,6 @@ def read_json(path: str) -> dict:
             return json.load(f)
         except json.JSONDecodeError as err:
             raise ConversionError(f"{path}: invalid JSON: {err}") from None
-
-
-def write_json(path: str, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,6 @@ listed with file:line in ``prefix.errors.txt``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
 import os
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -16,6 +15,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 from megatron_uni.data.formats import BuildContext, build_sample, sample_rng
 from megatron_uni.data.schema import SampleError, Where
 from megatron_uni.data.storage import SampleWriter, encode_positions
+from megatron_uni.fileio import write_json
 from megatron_uni.tokens import NUM_IMAGE_CODES, Vocabulary
 
 
@@ -113,11 +113,10 @@ def build_dataset(paths: Sequence[str], prefix: str, settings: BuildSettings, wo
     writer.finalize()
     with open(prefix + ".errors.txt", "w") as f:
         f.writelines(e + "\n" for e in report.errors)
-    with open(prefix + ".build.json", "w") as f:
-        json.dump({"inputs": [os.path.basename(p) for p in paths], "written": report.written,
-                   "tokens": report.tokens, "bad": report.bad, "settings": dataclasses.asdict(settings),
-                   "vocabulary": vocab.describe()},
-                  f, indent=2)
+    write_json(prefix + ".build.json", {"inputs": [os.path.basename(p) for p in paths], "written": report.written,
+                                        "tokens": report.tokens, "bad": report.bad,
+                                        "settings": dataclasses.asdict(settings), "vocabulary": vocab.describe()},
+               sort_keys=False)
     return report
 
 

@@ -21,6 +21,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
+from megatron_uni.fileio import write_json
 from megatron_uni.tokens import SIZE_TOKEN_FORMAT, SPECIAL_TOKEN_STRINGS, TOKENIZER_FILE
 
 DEMO_TEXT_VOCAB = 1024
@@ -208,8 +209,7 @@ def make_demo_data(out_dir: str, num_scenes: int = 48, num_paragraphs: int = 64,
     with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
         for j in order:
             f.write(json.dumps(samples[j]) + "\n")
-    with open(os.path.join(out_dir, "image_codes.json"), "w") as f:
-        json.dump(codes, f)
+    write_json(os.path.join(out_dir, "image_codes.json"), codes, indent=None, sort_keys=False)
     with open(os.path.join(out_dir, "images.jsonl"), "w") as f:  # manifest for tools/tokenize_images.py
         f.writelines(json.dumps({"image": f"images/{key}.png", "key": key}) + "\n" for key in codes)
     tokenizer_dir = os.path.join(out_dir, "tokenizer")

@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
-from megatron_uni.fileio import atomic_write_bytes
+from megatron_uni.fileio import atomic_write_bytes, write_json
 
 MAGIC = b"MUVQCODE"
 FORMAT_VERSION = 1
@@ -41,8 +41,9 @@ def shard_path(directory: str, index: int) -> str:
     return os.path.join(directory, SHARD_DIR, shard_name(index))
 
 
-def atomic_write_json(path: str, value) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+def write_store_json(path: str, value) -> None:
+    """The store's JSON files (index, report, job): compact indentation, one format for all."""
+    write_json(path, value, indent=1)
 
 
 # ---- shards -----------------------------------------------------------------------------------------
@@ -96,8 +97,8 @@ def merge_index(directory: str, shard_indices: Iterable[int], meta: dict) -> dic
         bad.extend(header["bad"])
     index = {"version": FORMAT_VERSION, "meta": meta, "shards": shards, "num_images": len(entries),
              "entries": entries}
-    atomic_write_json(os.path.join(directory, INDEX_FILE), index)
-    atomic_write_json(os.path.join(directory, REPORT_FILE), summarize_bad(bad))
+    write_store_json(os.path.join(directory, INDEX_FILE), index)
+    write_store_json(os.path.join(directory, REPORT_FILE), summarize_bad(bad))
     return index
 
 

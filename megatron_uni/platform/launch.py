@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,21 +50,36 @@ def _first_slurm_host(env: Mapping[str, str]) -> Optional[str]:
         return None
 
 
-def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
-    """Read the launcher's environment. Pure function of ``env`` (default ``os.environ``)."""
+class LauncherRanks(NamedTuple):
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launcher_ranks(env: Optional[Mapping[str, str]] = None) -> Optional[LauncherRanks]:
+    """Ranks from the first launcher of :data:`_SOURCES` whose variables are set; None under a bare
+    ``python``. No rendezvous address: jobs that only pick a device (``vq/job.py``) stop here."""
     env = os.environ if env is None else env
     for launcher, rank_key, world_key, local_key in _SOURCES:
         if rank_key in env and world_key in env:
             rank, world = int(env[rank_key]), int(env[world_key])
-            local = int(env.get(local_key, rank))
             if not 0 <= rank < world:
                 raise ValueError(f"{launcher}: {rank_key}={rank} is outside {world_key}={world}")
-            addr = env.get("MASTER_ADDR")
-            if addr is None and launcher == "slurm":
-                addr = _first_slurm_host(env)
-            return LaunchInfo(rank=rank, world_size=world, local_rank=local, launcher=launcher,
-                              master_addr=addr or "127.0.0.1",
-                              master_port=int(env.get("MASTER_PORT", 29500)))
-    return LaunchInfo(rank=0, world_size=1, local_rank=0, launcher="single",
-                      master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-                      master_port=int(env.get("MASTER_PORT", 29500)))
+            return LauncherRanks(launcher, rank, world, int(env.get(local_key, rank)))
+    return None
+
+
+def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
+    """Read the launcher's environment. Pure function of ``env`` (default ``os.environ``)."""
+    env = os.environ if env is None else env
+    port = int(env.get("MASTER_PORT", 29500))
+    ranks = launcher_ranks(env)
+    if ranks is None:
+        return LaunchInfo(rank=0, world_size=1, local_rank=0, launcher="single",
+                          master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=port)
+    addr = env.get("MASTER_ADDR")
+    if addr is None and ranks.launcher == "slurm":
+        addr = _first_slurm_host(env)
+    return LaunchInfo(rank=ranks.rank, world_size=ranks.world_size, local_rank=ranks.local_rank,
+                      launcher=ranks.launcher, master_addr=addr or "127.0.0.1", master_port=port)

@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any, Dict
 
+from megatron_uni.fileio import write_json
+
 CONFIG_FILE = "config.json"
 
 
@@ -110,9 +112,7 @@ class VQConfig:
             return cls.from_hf_dict(json.load(handle), source=path)
 
     def save(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_FILE), "w") as handle:
-            json.dump(self.to_hf_dict(), handle, indent=2, sort_keys=True)
+        write_json(os.path.join(directory, CONFIG_FILE), self.to_hf_dict())
 
 
 def _section(raw: Dict[str, Any], name: str, source: str) -> Dict[str, Any]:

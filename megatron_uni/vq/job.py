@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from megatron_uni.data import image_codes as store
+from megatron_uni.platform.launch import launcher_ranks
 from megatron_uni.vq import images as rules
 from megatron_uni.vq.config import VQConfig
 from megatron_uni.vq.decoding import BadImage, ImageItem, Probed, make_decoder, probe
@@ -91,10 +92,9 @@ def local_size() -> int:
 
 
 def local_rank(comm) -> int:
-    for name in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return comm.rank
+    """The launcher's local rank (``platform/launch.py`` reads every launcher's variables), else the MPI rank."""
+    ranks = launcher_ranks()
+    return comm.rank if ranks is None else ranks.local_rank
 
 
 # ---- job parameters -----------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def claim_output(directory: str, meta: dict) -> None:
             raise ValueError(f"{directory} holds a different tokenization job (differs in {changed}); "
                              "use a fresh output directory")
         return
-    store.atomic_write_json(path, meta)
+    store.write_store_json(path, meta)
 
 
 # ---- encoding -----------------------------------------------------------------------------------------

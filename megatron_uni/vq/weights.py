@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_uni.fileio import write_json
 from megatron_uni.vq.config import VQConfig
 from megatron_uni.vq.encoder import SigLIPVQ
 
@@ -104,8 +105,7 @@ def save_encoder(model: SigLIPVQ, directory: str) -> None:
     model.config.save(directory)
     tensors = {hf_name(name): t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
-    with open(os.path.join(directory, PREPROCESSOR_FILE), "w") as handle:
-        json.dump(preprocessor_config(model.config), handle, indent=2, sort_keys=True)
+    write_json(os.path.join(directory, PREPROCESSOR_FILE), preprocessor_config(model.config))
 
 
 def preprocessor_config(cfg: VQConfig) -> dict:
