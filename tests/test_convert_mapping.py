@@ -215,3 +215,27 @@ def test_router_facts_reach_megatron_and_hf_from_one_statement():
     assert (megatron.moe_router_dtype, hf["router_dtype"]) == ("fp32", "fp32")
     assert megatron.moe_router_enable_expert_bias is hf["moe_router_enable_expert_bias"] is True
     assert hf["norm_topk_prob"] is True and megatron.moe_aux_loss_coeff == 0.0
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.first_k_dense=2"],
+                                       ["model.moe_shared_expert_intermediate_size=null"]])
+def test_table_names_exactly_the_built_models_checkpoint_keys(overrides):
+    """The expanded table and megatron's sharded state dict of a built model agree key for key,
+    shape for shape (experts stacked), also with two dense layers or without a shared expert."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from megatron_uni.config import load_config
+    from megatron_uni.model.builder import build_model
+    from megatron_uni.platform.distributed import destroy, init_single_process
+
+    m = load_config(os.path.join(REPO, "recipes", "model", "tiny.yaml"), TINY_OVERRIDES + overrides).model
+    init_single_process()
+    try:
+        items = list(nested_values(build_model(m).sharded_state_dict()))
+    finally:
+        destroy()
+    pieces = [p for i in items for p in (i.build() if isinstance(i, ShardedTensorFactory) else [i])]
+    built = {mapping.canonical_key(p.key, m)[0]: tuple(p.global_shape) for p in pieces
+             if isinstance(p, ShardedTensor)}
+    assert built == mapping.stacked_megatron_keys(m)

@@ -43,7 +43,7 @@ DIMS: Dict[str, Callable[[Any, int], int]] = {
     "experts": lambda m, rows: m.num_experts,
     "ffn": lambda m, rows: m.ffn_hidden_size,
     "expert_ffn": lambda m, rows: m.moe_ffn_hidden_size,
-    "shared_ffn": lambda m, rows: m.moe_shared_expert_intermediate_size,
+    "shared_ffn": lambda m, rows: m.moe_shared_expert_intermediate_size,   # None: no shared expert
 }
 
 
@@ -245,12 +245,13 @@ def entries(model_cfg, vocab_rows: Optional[int] = None) -> List[Entry]:
     Vocabulary matrices have ``vocab_rows`` rows (default ``model_cfg.vocab``)."""
     rows = model_cfg.vocab if vocab_rows is None else vocab_rows
     sizes = {dim: size(model_cfg, rows) for dim, size in DIMS.items()}
-    before = [_expand(r, sizes, model_cfg, None, None) for r in RULES if r.layers == "before"]
-    after = [_expand(r, sizes, model_cfg, None, None) for r in RULES if r.layers == "after"]
+    rules = [r for r in RULES if all(sizes[dim] is not None for dim in r.shape)]  # null: no such tensor
+    before = [_expand(r, sizes, model_cfg, None, None) for r in rules if r.layers == "before"]
+    after = [_expand(r, sizes, model_cfg, None, None) for r in rules if r.layers == "after"]
     layered: List[Entry] = []
     for layer, moe in enumerate(model_cfg.moe_layer_pattern):
         kind = "moe" if moe else "dense"
-        for rule in RULES:
+        for rule in rules:
             if rule.layers not in ("all", kind):
                 continue
             experts = range(model_cfg.num_experts) if rule.expert else [None]
