@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from convert_helpers import batch, tiny_config
+from convert_helpers import REPO, TINY_OVERRIDES, batch, tiny_config
 from megatron_uni.convert import mapping
-from megatron_uni.convert.hf_io import plan_shards
+from megatron_uni.convert.hf_io import ConversionError, plan_shards
 from megatron_uni.convert.hf_reference import LLaDA2Reference, apply_partial_rope, rope_cos_sin
 from megatron_uni.convert.tiny_hf import tiny_hf_weights
 
@@ -16,7 +18,7 @@ def test_qkv_regroup_puts_each_groups_q_k_v_together():
     m = tiny_config().model  # 4 query heads, 2 groups, head dim 16
     d, rows = m.kv_channels, (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels
     hf = torch.arange(rows, dtype=torch.float32)[:, None].expand(rows, 3).clone()
-    meg = mapping.qkv_hf_to_megatron(hf, m)[:, 0].long().tolist()
+    meg = mapping.QKV.to_megatron([hf], m)[:, 0].long().tolist()
     q_rows, k_rows = m.num_attention_heads * d, m.num_query_groups * d
     expected = []
     for group in range(m.num_query_groups):
@@ -24,17 +26,89 @@ def test_qkv_regroup_puts_each_groups_q_k_v_together():
         expected += list(range(q_rows + group * d, q_rows + (group + 1) * d))  # its key head
         expected += list(range(q_rows + k_rows + group * d, q_rows + k_rows + (group + 1) * d))
     assert meg == expected
-    assert torch.equal(mapping.qkv_megatron_to_hf(mapping.qkv_hf_to_megatron(hf, m), m), hf)
+    assert torch.equal(mapping.QKV.to_hf(mapping.QKV.to_megatron([hf], m), m)[0], hf)
 
 
 def test_gate_up_both_ways():
     m = tiny_config().model
     entry = next(e for e in mapping.entries(m) if e.transform == mapping.GATE_UP)
     gate, up = torch.randn(8, 4), torch.randn(8, 4)
-    fc1 = mapping.to_megatron(entry, [gate, up], m)
+    fc1 = entry.transform.to_megatron([gate, up], m)
     assert torch.equal(fc1[:8], gate) and torch.equal(fc1[8:], up)
-    back = mapping.to_hf(entry, fc1, m)
-    assert torch.equal(back[entry.hf[0]], gate) and torch.equal(back[entry.hf[1]], up)
+    back = entry.transform.to_hf(fc1, m)
+    assert torch.equal(back[0], gate) and torch.equal(back[1], up)
+
+
+def test_every_entry_round_trips_with_its_shapes():
+    """Each table entry: HF tensors of its HF shape -> megatron tensor of its shape -> the same HF tensors."""
+    m = tiny_config().model
+    generator = torch.Generator().manual_seed(0)
+    seen = set()
+    for entry in mapping.entries(m, vocab_rows=m.text_vocab):
+        hf = [torch.randn(entry.hf_shape, generator=generator) for _ in entry.hf]
+        megatron = entry.to_megatron(hf)
+        assert tuple(megatron.shape) == entry.shape, entry.name
+        back = entry.to_hf(megatron)
+        assert list(back) == list(entry.hf)
+        assert all(torch.equal(back[name], tensor) for name, tensor in zip(entry.hf, hf)), entry.name
+        seen.add(type(entry.transform).__name__)
+    assert seen == {"Identity", "QKVRegroup", "GatedMLP"}
+
+
+def test_entry_shapes_come_from_the_rule():
+    m = tiny_config().model
+    by_key = mapping.entries_by_key(m, vocab_rows=m.text_vocab)
+    qkv = by_key[("decoder.layers.0.self_attention.linear_qkv.weight", None)]
+    assert qkv.hf_shape == qkv.shape == ((m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels,
+                                         m.hidden_size)
+    fc1 = by_key[("decoder.layers.1.mlp.experts.experts.linear_fc1.weight", 3)]
+    assert fc1.hf == ("model.layers.1.mlp.experts.3.gate_proj.weight", "model.layers.1.mlp.experts.3.up_proj.weight")
+    assert fc1.hf_shape == (m.moe_ffn_hidden_size, m.hidden_size)
+    assert fc1.shape == (2 * m.moe_ffn_hidden_size, m.hidden_size)
+    head = by_key[("output_layer.weight", None)]
+    assert head.vocab and head.hf_shape == head.shape == (m.text_vocab, m.hidden_size)
+
+
+def test_wrong_shape_is_refused_naming_the_tensor():
+    m = tiny_config().model
+    by_key = mapping.entries_by_key(m)
+    qkv = by_key[("decoder.layers.1.self_attention.linear_qkv.weight", None)]
+    with pytest.raises(ConversionError, match=r"tensor model\.layers\.1\.attention\.query_key_value\.weight has "
+                                              r"shape \[3, 64\], expected \[128, 64\]"):
+        qkv.to_megatron([torch.zeros(3, 64)])
+    fc2 = by_key[("decoder.layers.2.mlp.experts.experts.linear_fc2.weight", 5)]
+    with pytest.raises(ConversionError, match=r"tensor decoder\.layers\.2\.mlp\.experts\.experts\.linear_fc2\.weight"
+                                              r"\[5\] has shape \[64, 31\], expected \[64, 32\]"):
+        fc2.to_hf(torch.zeros(64, 31))
+    fc1 = by_key[("decoder.layers.0.mlp.linear_fc1.weight", None)]
+    with pytest.raises(ConversionError, match=r"needs 2 HF tensors"):
+        fc1.to_megatron([torch.zeros(fc1.hf_shape)])
+
+
+def test_a_rule_must_fit_its_transform():
+    with pytest.raises(ValueError, match="mapping rule x.weight: 1 HF names for GatedMLP"):
+        mapping.Rule("x.weight", ("a.weight",), ("hidden",), mapping.GATE_UP, "all")
+    with pytest.raises(ValueError, match="mapping rule y.weight"):
+        mapping.Rule("y.weight", ("b.weight",), ("no_such_dim",), mapping.IDENTITY, "all")
+
+
+def test_moe_layers_follow_the_config_pattern():
+    from megatron_uni.config import load_config
+
+    tiny = os.path.join(REPO, "recipes", "model", "tiny.yaml")
+    m = load_config(tiny, TINY_OVERRIDES + ["model.first_k_dense=2"]).model
+    routed = {e.layer for e in mapping.entries(m) if e.megatron.endswith("router.weight")}
+    assert routed == {layer for layer, moe in enumerate(m.moe_layer_pattern) if moe} == {2, 3}
+    for layer, moe in enumerate(m.moe_layer_pattern):
+        key, _ = mapping.canonical_key(f"decoder.layers.{layer}.pre_mlp_layernorm.weight", m)
+        assert (key, None) in mapping.entries_by_key(m)
+        assert key.endswith("pre_mlp_layernorm.weight") == bool(moe)
+
+
+def test_only_the_expert_bias_keeps_fp32():
+    assert mapping.keeps_fp32("model.layers.7.mlp.gate.expert_bias")
+    assert not mapping.keeps_fp32("model.layers.7.mlp.gate.weight")
+    assert not mapping.keeps_fp32("model.layers.x.mlp.gate.expert_bias")
 
 
 @pytest.mark.parametrize("name, offset, expected", [
@@ -127,3 +201,41 @@ def test_parity_batch_exercises_expert_bias_and_group_limit():
         group_changes += int((reference.route(x, prefix)[0].sort(-1).values != chosen).any(-1).sum())
         reference.c["topk_group"] = cfg.moe_router_group_topk
     assert bias_changes > 0 and group_changes > 0
+
+
+def test_router_facts_reach_megatron_and_hf_from_one_statement():
+    from megatron_uni.config import ParallelConfig
+    from megatron_uni.convert.hf_config import uni_config
+    from megatron_uni.model.router import ROUTER
+    from megatron_uni.model.transformer_config import build_transformer_config
+
+    m = tiny_config().model
+    megatron, hf = build_transformer_config(m, ParallelConfig()), uni_config(m, pad_token_id=None)
+    assert megatron.moe_router_score_function == hf["score_function"] == ROUTER.score_function == "sigmoid"
+    assert (megatron.moe_router_dtype, hf["router_dtype"]) == ("fp32", "fp32")
+    assert megatron.moe_router_enable_expert_bias is hf["moe_router_enable_expert_bias"] is True
+    assert hf["norm_topk_prob"] is True and megatron.moe_aux_loss_coeff == 0.0
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.first_k_dense=2"],
+                                       ["model.moe_shared_expert_intermediate_size=null"]])
+def test_table_names_exactly_the_built_models_checkpoint_keys(overrides):
+    """The expanded table and megatron's sharded state dict of a built model agree key for key,
+    shape for shape (experts stacked), also with two dense layers or without a shared expert."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from megatron_uni.config import load_config
+    from megatron_uni.model.builder import build_model
+    from megatron_uni.platform.distributed import destroy, init_single_process
+
+    m = load_config(os.path.join(REPO, "recipes", "model", "tiny.yaml"), TINY_OVERRIDES + overrides).model
+    init_single_process()
+    try:
+        items = list(nested_values(build_model(m).sharded_state_dict()))
+    finally:
+        destroy()
+    pieces = [p for i in items for p in (i.build() if isinstance(i, ShardedTensorFactory) else [i])]
+    built = {mapping.canonical_key(p.key, m)[0]: tuple(p.global_shape) for p in pieces
+             if isinstance(p, ShardedTensor)}
+    assert built == mapping.stacked_megatron_keys(m)

@@ -75,7 +75,7 @@ def test_wrong_shape_is_refused_by_name(saved):
 
     rewrite(directory, shrink)
     with pytest.raises(WeightMismatchError,
-                       match=r"model\.vqmodel\.quantize\.embedding\.weight .* shape \(31, 16\), expected \(32, 16\)"):
+                       match=r"model\.vqmodel\.quantize\.embedding\.weight .* shape \[31, 16\], expected \[32, 16\]"):
         load_encoder(directory)
 
 

@@ -23,6 +23,7 @@ from megatron_uni.convert.hf_io import (
     CONFIG_FILE, ConversionError, ShardPlan, iter_plans_with_progress, plan_shards, write_index, write_json,
     write_shard,
 )
+from megatron_uni.shapes import shape_problems, summary
 
 CARRIED_DIRS = ("image_tokenizer", "decoder", "decoder-turbo", "vae")
 REMOTE_CODE_FILES = ("configuration_llada2uni_moe.py", "modeling_llada2uni_moe.py")
@@ -66,14 +67,9 @@ def check_checkpoint_tensors(tensors_meta: Dict[str, object], model_cfg, where: 
     """Canonicalise the checkpoint's keys and refuse missing / extra / wrongly shaped tensors."""
     found = {mapping.canonical_key(key, model_cfg)[0]: meta for key, meta in tensors_meta.items()}
     expected = mapping.stacked_megatron_keys(model_cfg)
-    problems = [f"missing tensor {k} (expected shape {list(s)})" for k, s in expected.items() if k not in found]
-    problems += [f"unexpected tensor {k} {list(m.global_shape)}" for k, m in found.items() if k not in expected]
-    problems += [f"tensor {k} has shape {list(found[k].global_shape)}, expected {list(s)}"
-                 for k, s in expected.items() if k in found and tuple(found[k].global_shape) != s]
+    problems = shape_problems(expected, {key: meta.global_shape for key, meta in found.items()})
     if problems:
-        more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
-        raise ConversionError(f"{where}: checkpoint tensors do not match its model config: "
-                              + "; ".join(problems[:10]) + more)
+        raise ConversionError(f"{where}: checkpoint tensors do not match its model config: " + summary(problems))
     return {k: found[k] for k in expected}
 
 
@@ -109,7 +105,7 @@ def _hf_sizes(model_cfg, dtype: torch.dtype) -> List[Tuple[str, int]]:
     width = torch.empty((), dtype=dtype).element_size()
     sizes = []
     for entry in mapping.entries(model_cfg):
-        for name, shape in mapping.hf_shapes(entry, model_cfg, model_cfg.vocab).items():
+        for name, shape in entry.hf_shapes().items():
             numel = int(torch.Size(shape).numel())
             sizes.append((name, numel * (4 if entry.keep_fp32 else width)))
     return sizes
@@ -176,7 +172,7 @@ def write_export(plan: ExportPlan, out_dir: str, link: bool = False, progress: b
             whole = cache[entry.megatron]
             piece = whole[entry.expert] if entry.expert is not None else whole
             out_dtype = torch.float32 if entry.keep_fp32 else plan.dtype
-            for name, tensor in mapping.to_hf(entry, piece, cfg).items():
+            for name, tensor in entry.to_hf(piece).items():
                 tensors[name] = tensor.to(out_dtype)
         if writer:
             write_shard(out_dir, shard, tensors)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from megatron_uni.convert.hf_io import ConversionError
+from megatron_uni.model.router import ROUTER
 
 # HF key -> (ModelConfig value getter, description for messages)
 FIELDS: Dict[str, Tuple[Callable[[Any], Any], str]] = {
@@ -33,14 +34,8 @@ FIELDS: Dict[str, Tuple[Callable[[Any], Any], str]] = {
 }
 
 # Keys the Uni inference code reads whose defaults in the remote config class are not what the
-# model uses; written explicitly (sglang-omni reads moe_router_enable_expert_bias with default False).
-EXPLICIT = {
-    "score_function": "sigmoid",
-    "router_dtype": "fp32",
-    "moe_router_enable_expert_bias": True,
-    "norm_topk_prob": True,
-    "tie_word_embeddings": False,
-}
+# model uses; written explicitly. The router's come from the one statement of its facts.
+EXPLICIT = {**ROUTER.hf_config(), "tie_word_embeddings": False}
 
 
 def _num_shared_experts(model_cfg) -> int:

@@ -1,7 +1,8 @@
 """An independent plain-PyTorch forward of the HF ``LLaDA2MoeModelLM``, used to prove conversion.
 
-Written from the architecture facts with HF tensor names and no megatron import, so that equal
-logits from this and from our megatron model on the imported checkpoint show the mapping right:
+Written from the architecture facts with HF tensor names and no megatron import (only which
+tensors stay fp32 is read from the mapping table), so that equal logits from this and from our
+megatron model on the imported checkpoint show the mapping right:
 pre-norm RMSNorm blocks; fused ``query_key_value`` rows [all Q | all K | all V]; per-head
 RMSNorm on q and k BEFORE rotary; NeoX rotate-half RoPE on the first ``partial_rotary_factor``
 of each head; bidirectional attention (or an explicit mask); SwiGLU MLPs; MoE layers with a
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_uni.convert.hf_config import with_derived_defaults
+from megatron_uni.convert.mapping import keeps_fp32
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -61,7 +63,7 @@ class LLaDA2Reference:
         self.w: Dict[str, torch.Tensor] = {k: v.to(dtype) for k, v in weights.items()}
         # the router's expert bias stays fp32 whatever the compute dtype
         for name, tensor in weights.items():
-            if name.endswith("gate.expert_bias"):
+            if keeps_fp32(name):
                 self.w[name] = tensor.float()
         self.c = with_derived_defaults(config)
         self.heads = self.c["num_attention_heads"]

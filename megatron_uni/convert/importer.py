@@ -23,6 +23,7 @@ import torch
 from megatron_uni.convert import mapping
 from megatron_uni.convert.hf_config import check_hf_config
 from megatron_uni.convert.hf_io import CONFIG_FILE, ConversionError, HFCheckpoint, read_json
+from megatron_uni.shapes import shape_problems, summary, wrong_shape
 
 EMBEDDING_SEED_OFFSET = {"embedding.word_embeddings.weight": 0, "output_layer.weight": 1}
 
@@ -39,17 +40,12 @@ class Target:
 def check_hf_tensors(hf: HFCheckpoint, model_cfg, vocab_rows: int) -> None:
     """Refuse missing, unexpected or wrongly shaped tensors, naming each with both shapes."""
     expected: Dict[str, Tuple[int, ...]] = {}
-    for entry in mapping.entries(model_cfg):
-        expected.update(mapping.hf_shapes(entry, model_cfg, vocab_rows))
-    problems = [f"missing tensor {n} (expected shape {list(s)})" for n, s in expected.items() if n not in hf.infos]
-    problems += [f"unexpected tensor {n} {list(i.shape)} in {i.shard}" for n, i in hf.infos.items()
-                 if n not in expected]
-    problems += [f"tensor {n} in {hf.infos[n].shard} has shape {list(hf.infos[n].shape)}, expected {list(s)}"
-                 for n, s in expected.items() if n in hf.infos and hf.infos[n].shape != s]
+    for entry in mapping.entries(model_cfg, vocab_rows):
+        expected.update(entry.hf_shapes())
+    found = {name: info.shape for name, info in hf.infos.items()}
+    problems = shape_problems(expected, found, where=lambda name: f" in {hf.infos[name].shard}")
     if problems:
-        more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
-        raise ConversionError(f"{hf.folder}: HF tensors do not match the model config: "
-                              + "; ".join(problems[:10]) + more)
+        raise ConversionError(f"{hf.folder}: HF tensors do not match the model config: " + summary(problems))
 
 
 def expand_vocab_rows(hf_rows: torch.Tensor, key: str, model_cfg, seed: int, std: float) -> torch.Tensor:
@@ -65,12 +61,13 @@ def expand_vocab_rows(hf_rows: torch.Tensor, key: str, model_cfg, seed: int, std
     return full
 
 
-def local_targets(model_chunks, model_cfg) -> List[Target]:
-    """Every tensor piece this rank owns, keyed by canonical checkpoint key (+ expert)."""
+def local_targets(model_chunks, model_cfg, vocab_rows: int) -> List[Target]:
+    """Every tensor piece this rank owns, keyed by canonical checkpoint key (+ expert); the
+    entries expect vocabulary matrices of ``vocab_rows`` HF rows."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    known = mapping.entries_by_key(model_cfg)
+    known = mapping.entries_by_key(model_cfg, vocab_rows)
     targets: List[Target] = []
     for chunk in model_chunks:
         for item in nested_values(getattr(chunk, "module", chunk).sharded_state_dict()):
@@ -120,13 +117,12 @@ def fill_from_hf(targets: List[Target], hf: HFCheckpoint, model_cfg, seed: int, 
 
 def _fill(target: Target, loaded: Dict[str, torch.Tensor], model_cfg, seed: int, std: float) -> None:
     entry = target.entry
-    full = mapping.to_megatron(entry, [loaded[n] for n in entry.hf], model_cfg)
+    full = entry.to_megatron([loaded[n] for n in entry.hf])
     if entry.vocab:
         full = expand_vocab_rows(full, entry.megatron, model_cfg, seed, std)
     piece = full[target.region]
     if piece.shape != target.view.shape:
-        raise ConversionError(f"{entry.name}: HF gives {list(piece.shape)} for the local piece, model holds "
-                              f"{list(target.view.shape)}")
+        raise ConversionError(wrong_shape(f"{entry.name} (local piece)", piece.shape, target.view.shape))
     with torch.no_grad():
         target.view.copy_(piece.to(target.view.dtype))
 
@@ -153,7 +149,7 @@ def import_hf(hf_dir: str, model_cfg, parallel, out_root: str, seed: int = 1234,
     check_hf_tensors(hf, model_cfg, vocab_rows)
     std = model_cfg.init_method_std if image_init_std is None else image_init_std
     chunks = build_model_chunks(model_cfg, parallel)
-    fill_from_hf(local_targets(chunks, model_cfg), hf, model_cfg, seed, std, progress)
+    fill_from_hf(local_targets(chunks, model_cfg, vocab_rows), hf, model_cfg, seed, std, progress)
     extra = {"converted_from": {"hf_vocab_rows": vocab_rows, "image_init_std": std, "image_init_seed": seed}}
     return save_checkpoint(out_root, iteration, chunks, model_cfg, vocabulary_description(model_cfg, vocabulary),
                            parallel, extra_metadata=extra)

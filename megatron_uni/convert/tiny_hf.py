@@ -33,8 +33,8 @@ def tiny_hf_weights(model_cfg, text_only: bool = True, seed: int = 0) -> Dict[st
     rows = model_cfg.text_vocab if text_only else model_cfg.vocab
     generator = torch.Generator().manual_seed(seed)
     weights: Dict[str, torch.Tensor] = {}
-    for entry in mapping.entries(model_cfg):
-        for name, shape in mapping.hf_shapes(entry, model_cfg, rows).items():
+    for entry in mapping.entries(model_cfg, rows):
+        for name, shape in entry.hf_shapes().items():
             tensor = _draw(name, shape, generator)
             weights[name] = tensor.float() if entry.keep_fp32 else tensor.to(torch.bfloat16)
     return weights

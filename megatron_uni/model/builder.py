@@ -1,20 +1,20 @@
-"""Build the LLaDA2.0-Uni backbone as a megatron-core ``GPTModel``."""
+"""Build the LLaDA2.0-Uni backbone: a :class:`~megatron_uni.model.gpt.UniGPTModel` (megatron-core's
+``GPTModel`` with RoPE from ``position_ids``) from our layer spec."""
 
 from __future__ import annotations
 
 from typing import List, Optional
 
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
 
 from megatron_uni.config import ModelConfig, ParallelConfig
-from megatron_uni.model.position_rope import use_position_ids_for_rope
+from megatron_uni.model.gpt import UniGPTModel
 from megatron_uni.model.spec import decoder_block_spec
 from megatron_uni.model.transformer_config import build_transformer_config, use_transformer_engine
 
 
 def build_model(model_cfg: ModelConfig, parallel: Optional[ParallelConfig] = None,
-                vp_stage: Optional[int] = None, core_attention=None) -> GPTModel:
+                vp_stage: Optional[int] = None, core_attention=None) -> UniGPTModel:
     """One model chunk for this rank (pipeline stage / virtual stage ``vp_stage``).
 
     Forward: ``model(input_ids, position_ids, attention_mask)`` with a bool ``[b,1,s,s]`` mask
@@ -24,7 +24,7 @@ def build_model(model_cfg: ModelConfig, parallel: Optional[ParallelConfig] = Non
     parallel = parallel or ParallelConfig()
     config = build_transformer_config(model_cfg, parallel)
     spec = decoder_block_spec(config, use_transformer_engine(model_cfg), vp_stage, core_attention)
-    model = GPTModel(
+    return UniGPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=model_cfg.vocab,
@@ -37,13 +37,9 @@ def build_model(model_cfg: ModelConfig, parallel: Optional[ParallelConfig] = Non
         rotary_base=model_cfg.rotary_base,
         vp_stage=vp_stage,
     )
-    # Both BDLM copies share positions 0..L-1 and packed documents restart at 0: RoPE must follow
-    # position_ids, which megatron-core 0.16.1's GPTModel ignores (it rotates by row index).
-    use_position_ids_for_rope(model)
-    return model
 
 
-def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, core_attention=None) -> List[GPTModel]:
+def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, core_attention=None) -> List[UniGPTModel]:
     """All chunks of this rank: one, or ``virtual_pipeline`` of them for interleaved PP."""
     if parallel.virtual_pipeline is None:
         return [build_model(model_cfg, parallel, None, core_attention)]

@@ -39,7 +39,7 @@ def count_parameters(m: ModelConfig) -> ParamCount:
     router = m.num_experts * h
     moe_total = m.num_experts * expert + shared + router + h
     moe_active = m.moe_router_topk * expert + shared + router + h
-    num_moe = m.num_layers - m.first_k_dense if m.num_experts else 0
+    num_moe = sum(m.moe_layer_pattern) if m.has_moe else 0
     num_dense = m.num_layers - num_moe
     embedding = 2 * m.vocab * h                                                     # untied input + output
     common = m.num_layers * attention + num_dense * dense_mlp + h + embedding        # + final norm

@@ -3,8 +3,8 @@
 We take megatron-core's own block spec (TE or local layers) and change only what differs:
 self-attention gets ``AttnMaskType.arbitrary`` (the block-diffusion mask is always passed
 explicitly; no causal default), and the core attention can be swapped for another module
-(the block-diffusion attention). Layer 0 is dense and the others MoE through
-``moe_layer_freq``, which megatron's spec already honours.
+(the block-diffusion attention). Which layers are dense and which MoE is
+``ModelConfig.moe_layer_pattern``, passed as ``moe_layer_freq``, which megatron's spec honours.
 """
 
 from __future__ import annotations

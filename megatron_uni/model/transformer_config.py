@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_uni.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_uni.model.router import ROUTER
 from megatron_uni.platform.te import transformer_engine_available
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -43,16 +44,12 @@ def _moe_settings(model: ModelConfig) -> dict:
         moe_router_num_groups=model.moe_router_num_groups,
         moe_router_group_topk=model.moe_router_group_topk,
         moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
-        moe_router_score_function="sigmoid",     # normalised top-k of unbiased sigmoid scores
-        moe_router_dtype="fp32",
-        moe_router_enable_expert_bias=True,      # aux-loss-free balancing; bias kept in fp32
         moe_router_bias_update_rate=model.moe_router_bias_update_rate,
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0,
         moe_z_loss_coeff=model.moe_z_loss_coeff,
         moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
         moe_token_dispatcher_type=model.moe_token_dispatcher_type,
         moe_grouped_gemm=model.moe_grouped_gemm,
+        **ROUTER.megatron_kwargs(),
     )
 
 

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_uni.fileio import write_json
+from megatron_uni.shapes import summary, unexpected, wrong_shape
 from megatron_uni.vq.config import VQConfig
 from megatron_uni.vq.encoder import SigLIPVQ
 
@@ -69,17 +70,15 @@ def read_state_dict(directory: str, expected: Dict[str, torch.Size]) -> Dict[str
             raise FileNotFoundError(f"{INDEX_FILE} in {directory} names missing shard {filename}")
         with safe_open(path, framework="pt") as handle:
             for name in names:
-                if name not in expected:
-                    raise WeightMismatchError(f"unexpected tensor {name} in {path}")
                 shape = handle.get_slice(name).get_shape()
+                if name not in expected:
+                    raise WeightMismatchError(unexpected(name, shape, where=f" in {path}"))
                 if tuple(shape) != tuple(expected[name]):
-                    raise WeightMismatchError(f"tensor {name} in {path} has shape {tuple(shape)}, "
-                                              f"expected {tuple(expected[name])}")
+                    raise WeightMismatchError(wrong_shape(name, shape, expected[name], where=f" in {path}"))
                 found[name] = handle.get_tensor(name)
     missing = sorted(set(expected) - set(found))
     if missing:
-        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-        raise WeightMismatchError(f"image tokenizer checkpoint {directory} lacks tensor(s): {shown}")
+        raise WeightMismatchError(f"image tokenizer checkpoint {directory} lacks tensor(s): {summary(missing, 5)}")
     return found
 
 
