@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from megatron_uni.errors import MegatronUniError
 from megatron_uni.fileio import atomic_write_text
 
 FORMAT = "megatron_uni.checkpoint/1"
@@ -32,7 +33,7 @@ MODEL_DIR = "model"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MegatronUniError, RuntimeError):
     pass
 
 

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_uni.convert.hf_io import ConversionError  # noqa: E402
+from megatron_uni.errors import one_line_errors  # noqa: E402
 
 DTYPES = ("bfloat16", "float32")
 
@@ -39,20 +39,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@one_line_errors("export_hf")
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from megatron_uni.checkpoint import CheckpointError
     from megatron_uni.convert.exporter import export_hf
 
-    try:
-        plan = export_hf(args.checkpoint, args.out_dir, tokenizer_dir=args.tokenizer, base_dir=args.base,
-                         max_shard_bytes=int(args.shard_size * 2 ** 30), dtype=getattr(torch, args.dtype),
-                         link=args.link, dry_run=args.dry_run, progress=not args.no_progress)
-    except (ConversionError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    plan = export_hf(args.checkpoint, args.out_dir, tokenizer_dir=args.tokenizer, base_dir=args.base,
+                     max_shard_bytes=int(args.shard_size * 2 ** 30), dtype=getattr(torch, args.dtype),
+                     link=args.link, dry_run=args.dry_run, progress=not args.no_progress)
     verb = "would write" if args.dry_run else "wrote"
     print(f"{verb} {args.out_dir}:")
     print("\n".join("  " + line for line in plan.describe()))

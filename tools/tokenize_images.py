@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_uni.data.images import GENERATION_TARGETS, MODES  # noqa: E402
+from megatron_uni.errors import one_line_errors  # noqa: E402
 from megatron_uni.vq.job import JobSpec, run_job  # noqa: E402
 
 
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> JobSpec:
                    progress=not args.no_progress)
 
 
+@one_line_errors("tokenize_images")
 def main(argv=None) -> int:
     result = run_job(parse_args(argv))
     if result["this_rank"] == 0:  # one summary line for the whole job, per-rank counts inside

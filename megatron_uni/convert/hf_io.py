@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_uni.errors import MegatronUniError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -24,7 +26,7 @@ CONFIG_FILE = "config.json"
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
-class ConversionError(ValueError):
+class ConversionError(MegatronUniError, ValueError):
     """Bad conversion input; the message names the file / tensor and what was expected."""
 
 
