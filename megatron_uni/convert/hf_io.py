@@ -97,6 +97,9 @@ class HFCheckpoint:
                     if name not in present:
                         raise ConversionError(f"{path}: index lists tensor {name} but the shard does not hold it")
                     piece = f.get_slice(name)
+                    if piece.get_dtype() not in _DTYPES:
+                        raise ConversionError(f"{path}: tensor {name} has dtype {piece.get_dtype()}, expected one of "
+                                              f"{sorted(_DTYPES)} (quantized checkpoints are not supported)")
                     infos[name] = TensorInfo(shard, tuple(piece.get_shape()), piece.get_dtype())
         return infos
 
