@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 
@@ -65,7 +65,7 @@ SEAL_SUFFIX = ".seal.json"
 _TEMP_RE = re.compile(r"\.tmp\d+\.(bin|idx)$")
 
 
-def remove_stale_temporaries(prefix: str) -> list:
+def remove_stale_temporaries(prefix: str) -> List[str]:
     """Delete ``prefix.tmpPID.bin/.idx`` left by killed builds (one build per prefix at a time)."""
     removed = []
     for path in glob.glob(glob.escape(prefix) + ".tmp*"):
