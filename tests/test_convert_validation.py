@@ -127,8 +127,9 @@ def test_export_refuses_tokenizer_dir_without_tokenizer_json(tmp_path):
         _copies(str(tmp_path), None)
 
 
-@pytest.mark.parametrize("key,value,want", [("score_function", "softmax", "'sigmoid'"), ("norm_topk_prob", False, "True"),
-                                            ("use_qk_norm", False, "True"), ("tie_word_embeddings", True, "False")])
+@pytest.mark.parametrize("key,value,want", [("score_function", "softmax", "'sigmoid'"),
+                                            ("norm_topk_prob", False, "True"), ("use_qk_norm", False, "True"),
+                                            ("tie_word_embeddings", True, "False")])
 def test_import_refuses_architecture_switches_naming_both_values(hf_dir, key, value, want):
     _edit_config(hf_dir, **{key: value})
     with pytest.raises(ConversionError, match=rf"{key}={value!r} but this model supports only {key}={want}"):

@@ -13,7 +13,6 @@ from megatron_uni.data.demo import build_demo_tokenizer
 from megatron_uni.data.image_codes import merge_index, shard_path, write_shard
 from megatron_uni.data.storage import SEAL_SUFFIX, SampleDataset, SampleWriter, check_seal
 from megatron_uni.errors import DataError
-from megatron_uni.tokens import Vocabulary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODES = 16

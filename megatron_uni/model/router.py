@@ -52,7 +52,8 @@ class LingTopKRouter(TopKRouter):
         if self.router_replay is not None or config.moe_router_fusion:
             # both bypass or take the slot the group score lives in
             raise ConfigError("the Ling router cannot run with moe_enable_routing_replay or moe_router_fusion")
-        if config.moe_router_group_topk and config.num_moe_experts // config.moe_router_num_groups < GROUP_SCORE_EXPERTS:
-            raise ConfigError(f"model.moe_router_num_groups={config.moe_router_num_groups} leaves fewer than "
-                              f"{GROUP_SCORE_EXPERTS} experts per group; the Ling group score needs {GROUP_SCORE_EXPERTS}")
+        groups = config.moe_router_num_groups
+        if config.moe_router_group_topk and config.num_moe_experts // groups < GROUP_SCORE_EXPERTS:
+            raise ConfigError(f"model.moe_router_num_groups={groups} leaves fewer than {GROUP_SCORE_EXPERTS} experts "
+                              f"per group; the Ling group score sums the {GROUP_SCORE_EXPERTS} best of each")
         self.router_replay = LingGroupScore()
