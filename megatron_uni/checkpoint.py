@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from megatron_uni.errors import MegatronUniError
 from megatron_uni.fileio import atomic_write_text, write_json
 
 FORMAT = "megatron_uni.checkpoint/1"
@@ -32,7 +33,7 @@ MODEL_DIR = "model"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MegatronUniError, RuntimeError):
     pass
 
 
@@ -70,12 +71,12 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
     iter_dir = os.path.join(root, iteration_dir_name(iteration))
     model_dir = os.path.join(iter_dir, MODEL_DIR)
     if _rank() == 0:
-        if os.path.exists(os.path.join(iter_dir, METADATA)):
-            raise CheckpointError(f"{iter_dir} already holds a complete checkpoint; refusing to overwrite")
-        if os.path.isdir(model_dir):  # leftovers of a crashed save of the same iteration
+        if os.path.exists(os.path.join(iter_dir, METADATA)) and not _newer_than_latest(root, iteration):
+            raise CheckpointError(f"{iter_dir} already holds a published checkpoint; refusing to overwrite")
+        if os.path.isdir(iter_dir):  # a crashed save of this iteration, killed before 'latest' named it
             import shutil
 
-            shutil.rmtree(model_dir)
+            shutil.rmtree(iter_dir)
         os.makedirs(model_dir)
     _barrier()
     state = model_sharded_state_dict(model_chunks)
@@ -98,6 +99,16 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
         atomic_write_text(os.path.join(root, LATEST), iteration_dir_name(iteration) + "\n")
     _barrier()
     return iter_dir
+
+
+def _newer_than_latest(root: str, iteration: int) -> bool:
+    """True when ``latest`` does not name ``iteration`` or a later one: an iter dir past it was never
+    published (a kill between its metadata.json and ``latest``), so a resumed run may redo it."""
+    latest = os.path.join(root, LATEST)
+    if not os.path.isfile(latest):
+        return True
+    named = _ITER_RE.match(open(latest).read().strip())
+    return named is not None and iteration > int(named.group(1))
 
 
 def _as_dict(obj: Any) -> Any:

@@ -18,6 +18,7 @@ import warnings
 from typing import List, Optional
 
 from megatron_uni.config import Config, ConfigError, data_parallel_size, load_config
+from megatron_uni.errors import MegatronUniError
 
 
 def _format_count(n: int) -> str:
@@ -103,6 +104,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"megatron-uni: config error: {err}", file=sys.stderr)
+        return 2
+    except MegatronUniError as err:  # bad data, checkpoint or vocabulary: one line, no traceback
+        print(f"megatron-uni: error: {err}", file=sys.stderr)
         return 2
     except FileNotFoundError as err:  # a recipe pointing at data, tokenizer or checkpoint that is not there
         print(f"megatron-uni: {err}", file=sys.stderr)

@@ -17,8 +17,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from megatron_uni.errors import MegatronUniError
 
-class ConfigError(ValueError):
+
+class ConfigError(MegatronUniError, ValueError):
     """A recipe or override is invalid. The message names the key and the rule."""
 
 

@@ -19,6 +19,8 @@ import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from megatron_uni.errors import MegatronUniError
+
 NUM_IMAGE_CODES = 16384
 VOCAB_DIVISOR = 128  # Megatron's --make-vocab-size-divisible-by used by Ling / LLaDA2
 
@@ -42,7 +44,7 @@ TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_OVERRIDES_FILE = "special_tokens.json"
 
 
-class VocabularyError(ValueError):
+class VocabularyError(MegatronUniError, ValueError):
     """The tokenizer directory does not provide what the vocabulary layout needs."""
 
 

@@ -7,6 +7,7 @@ import os
 import types
 
 import pytest
+import torch
 
 from convert_helpers import TINY_OVERRIDES, run_tool, tiny_config
 from megatron_uni.convert import importer
@@ -124,3 +125,26 @@ def test_export_refuses_incomplete_base_folder(tmp_path):
 def test_export_refuses_tokenizer_dir_without_tokenizer_json(tmp_path):
     with pytest.raises(ConversionError, match="has no tokenizer.json"):
         _copies(str(tmp_path), None)
+
+
+@pytest.mark.parametrize("key,value,want", [("score_function", "softmax", "'sigmoid'"),
+                                            ("norm_topk_prob", False, "True"), ("use_qk_norm", False, "True"),
+                                            ("tie_word_embeddings", True, "False")])
+def test_import_refuses_architecture_switches_naming_both_values(hf_dir, key, value, want):
+    _edit_config(hf_dir, **{key: value})
+    with pytest.raises(ConversionError, match=rf"{key}={value!r} but this model supports only {key}={want}"):
+        importer.dry_run_report(hf_dir, tiny_config().model)
+
+
+def test_import_refuses_quantized_tensor_dtype(hf_dir):
+    _rewrite(hf_dir, lambda w: w.update({EXPERT0_UP: w[EXPERT0_UP].to(torch.int8)}))
+    with pytest.raises(ConversionError, match=rf"tensor {EXPERT0_UP} has dtype I8, expected one of"):
+        importer.dry_run_report(hf_dir, tiny_config().model)
+
+
+def test_import_cli_bad_override_is_one_line(hf_dir, tmp_path):
+    done = run_tool("convert_hf_to_megatron.py", [hf_dir, str(tmp_path / "ckpt"), "--dry-run", "--recipe",
+                                                  os.path.join("recipes", "model", "tiny.yaml"), "--override",
+                                                  "model.no_such_key=1"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "no_such_key" in done.stderr

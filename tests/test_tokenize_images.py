@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from megatron_uni.data import image_codes as store
+from megatron_uni.errors import MegatronUniError
 from megatron_uni.vq import images as rules
 from megatron_uni.vq.config import VQConfig
 from megatron_uni.vq.decoding import dali_available
@@ -144,8 +145,29 @@ def test_killed_run_then_rerun_produces_identical_shards(reference, images, tmp_
 
 def test_rerun_with_other_parameters_is_refused(reference, images):
     output, _ = reference
-    with pytest.raises(RuntimeError, match=r"different tokenization job \(differs in \['mode'\]\)"):
+    with pytest.raises(MegatronUniError, match=r"different tokenization job \(differs in \['mode'\]"):
         run_job(spec_for(images, output, mode="editing"), comm=SingleProcess())
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_resume_with_another_decoder_is_refused(reference, images):
+    """DALI drops alpha where PIL composites it: the codes of one store must come from one decoder."""
+    output, _ = reference
+    with pytest.raises(MegatronUniError, match=r"differs in \['decoder'\]: decoder: was \"pil\", now \"dali-cpu\""):
+        run_job(spec_for(images, output, decoder="dali"), comm=SingleProcess())
+
+
+def test_resume_with_other_encoder_weights_is_refused(images, tmp_path):
+    from megatron_uni.vq.weights import save_encoder
+    encoder_dir = tmp_path / "image_tokenizer"
+    save_encoder(build_seeded(VQConfig.tiny(), 3), str(encoder_dir))
+    spec = spec_for(images, tmp_path / "out", tiny=False, encoder_dir=str(encoder_dir), shard_size=100)
+    run_job(spec, comm=SingleProcess())
+    meta = json.load(open(tmp_path / "out" / store.JOB_FILE))
+    assert len(meta["encoder"]["weights_sha256"]) == 64 and meta["encoder"]["dtype"] == "float32"
+    save_encoder(build_seeded(VQConfig.tiny(), 4), str(encoder_dir))  # same config, other weights
+    with pytest.raises(MegatronUniError, match=r"differs in \['encoder'\]"):
+        run_job(spec, comm=SingleProcess())
 
 
 def test_webdataset_tar_input(images, tmp_path):

@@ -6,7 +6,9 @@ Example (demo data):
         --image-codes demo/image_codes.json --num-image-codes 256 --output demo/dataset/demo --workers 2
 
 Bad samples are skipped, counted per field, and listed (file:line: field: reason) in
-PREFIX.errors.txt; PREFIX.build.json records the counts and settings.
+PREFIX.errors.txt; PREFIX.build.json records the counts and settings. The pair is published as one
+unit (PREFIX.seal.json); a build that keeps no sample exits 2 and leaves an existing PREFIX as it
+was. Refusals and recovery: docs/errors.md.
 """
 
 import argparse
@@ -16,6 +18,7 @@ from tqdm import tqdm
 
 from megatron_uni.data.build import BuildSettings, build_dataset
 from megatron_uni.data.packing import PackingSettings, PackingStats, plan_rows
+from megatron_uni.errors import one_line_errors
 
 
 def parse_args(argv=None):
@@ -36,18 +39,24 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--seq-length", type=int, default=None,
                    help="also report packing efficiency for this row length (and --block-size)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="skip (by name, in PREFIX.errors.txt) samples longer than this many tokens; "
+                        "default 2 x --seq-length when that is given, else no limit")
     p.add_argument("--block-size", type=int, default=32, help="diffusion block size for the packing report")
     p.add_argument("--lookahead", type=int, default=1,
                    help="packing report: fill each row with the first fitting of the next N samples")
     return p.parse_args(argv)
 
 
+@one_line_errors("build_dataset")
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not 0.0 <= args.cfg_dropout <= 1.0:
         raise SystemExit(f"--cfg-dropout must lie in [0, 1], got {args.cfg_dropout}")
+    max_length = args.max_length or (2 * args.seq_length if args.seq_length else None)
     settings = BuildSettings(tokenizer_dir=args.tokenizer, image_codes=args.image_codes, text_size=args.text_size,
-                             num_image_codes=args.num_image_codes, cfg_dropout=args.cfg_dropout, seed=args.seed)
+                             num_image_codes=args.num_image_codes, cfg_dropout=args.cfg_dropout, seed=args.seed,
+                             max_length=max_length)
     report = build_dataset(args.input, args.output, settings, workers=args.workers,
                            progress=lambda it: tqdm(it, desc="samples", unit="sample"))
     print(f"wrote {report.written} samples ({report.tokens} tokens) to {args.output}.bin/.idx; "
@@ -56,7 +65,7 @@ def main(argv=None) -> int:
     if args.seq_length:
         print("packing (one pass, no split):",
               packing_report(args.output, args.seq_length, args.block_size, args.lookahead))
-    return 0 if report.written else 1
+    return 0
 
 
 def packing_report(prefix: str, seq_length: int, block_size: int, lookahead: int = 1) -> str:

@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from megatron_uni.config import load_config, validate_world_size
-from megatron_uni.convert.hf_io import ConversionError
+from megatron_uni.errors import one_line_errors
 
 
 def parse_args(argv=None):
@@ -44,6 +44,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@one_line_errors("convert_hf_to_megatron")
 def main(argv=None) -> int:
     args = parse_args(argv)
     parallel = [f"parallel.tensor={args.tp}", f"parallel.pipeline={args.pp}", f"parallel.expert={args.ep}"]
@@ -52,14 +53,10 @@ def main(argv=None) -> int:
     cfg = load_config(args.recipe, list(args.override) + parallel)
     from megatron_uni.convert import importer
 
-    try:
-        if args.dry_run:
-            print("\n".join(importer.dry_run_report(args.hf_dir, cfg.model)))
-            return 0
-        return _run(args, cfg, importer)
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.dry_run:
+        print("\n".join(importer.dry_run_report(args.hf_dir, cfg.model)))
+        return 0
+    return _run(args, cfg, importer)
 
 
 def _run(args, cfg, importer) -> int:

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from megatron_uni.config import ModelConfig
-from megatron_uni.convert.hf_io import ConversionError
+from megatron_uni.errors import one_line_errors
 
 DEFAULTS = ModelConfig()
 
@@ -33,6 +33,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@one_line_errors("export_image_tokens")
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_uni.convert.image_tokens import export_image_tokens
@@ -40,11 +41,7 @@ def main(argv=None) -> int:
 
     vocabulary = Vocabulary.from_tokenizer_dir(args.tokenizer, text_size=args.text_vocab,
                                                num_image_codes=args.num_image_codes)
-    try:
-        count = export_image_tokens(args.input, args.output, vocabulary, progress=not args.no_progress)
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    count = export_image_tokens(args.input, args.output, vocabulary, progress=not args.no_progress)
     print(f"wrote {count} image(s) to {args.output}")
     return 0
 

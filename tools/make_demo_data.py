@@ -14,8 +14,10 @@ import sys
 from tqdm import tqdm
 
 from megatron_uni.data.demo import make_demo_data
+from megatron_uni.errors import one_line_errors
 
 
+@one_line_errors("make_demo_data")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="directory to write (created if missing)")

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from megatron_uni.errors import one_line_errors
 from megatron_uni.vq.images import GENERATION_TARGETS, MODES
 from megatron_uni.vq.job import JobSpec, run_job
 
@@ -53,6 +54,7 @@ def parse_args(argv=None) -> JobSpec:
                    progress=not args.no_progress)
 
 
+@one_line_errors("tokenize_images")
 def main(argv=None) -> int:
     result = run_job(parse_args(argv))
     if result["this_rank"] == 0:  # one summary line for the whole job, per-rank counts inside

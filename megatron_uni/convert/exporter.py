@@ -6,11 +6,16 @@ and turned into HF tensors through :mod:`megatron_uni.convert.mapping`. Output: 
 ``model-0000i-of-0000n.safetensors`` (size-bounded) + index, router expert bias in fp32,
 ``config.json`` / ``generation_config.json``, the tokenizer files, and the ``image_tokenizer/``,
 ``decoder/``, ``decoder-turbo/``, ``vae/`` folders and remote-code files of a base HF Uni folder.
+
+The folder is written into a temporary sibling (``OUT.partial-PID``) and renamed to ``OUT`` at the
+end, so ``OUT`` holds either nothing new or the whole export; a non-empty ``OUT`` is refused unless
+``overwrite`` (then it is replaced whole, never mixed with new shards).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import shutil
 from typing import Dict, List, Optional, Tuple
@@ -152,13 +157,67 @@ def ensure_process_group() -> None:
                                              rank=0, world_size=1)
 
 
+PARTIAL_SUFFIX = ".partial-"
+
+
+def check_target(out_dir: str, overwrite: bool, sources: List[Optional[str]]) -> None:
+    """Refuse an output folder that holds anything (unless ``overwrite``) or that is, or holds, a
+    source folder (replacing it would delete what is being exported)."""
+    target = os.path.realpath(out_dir)
+    for source in filter(None, sources):
+        source = os.path.realpath(source)
+        if source == target or source.startswith(target + os.sep):
+            raise ConversionError(f"output folder {out_dir} is or holds the source {source}; "
+                                  f"export into a folder of its own")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConversionError(f"output {out_dir} exists and is not a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ConversionError(f"output folder {out_dir} is not empty ({len(os.listdir(out_dir))} entries); "
+                              f"pass --overwrite to replace it whole, or choose an empty folder")
+
+
+def _partial_dir(out_dir: str) -> str:
+    return os.path.normpath(out_dir) + PARTIAL_SUFFIX + str(os.getpid())
+
+
+def remove_stale_partials(out_dir: str) -> None:
+    """Temporary siblings of exports that were killed (one export per output folder at a time)."""
+    for stale in glob.glob(glob.escape(os.path.normpath(out_dir)) + PARTIAL_SUFFIX + "*"):
+        if stale[len(os.path.normpath(out_dir) + PARTIAL_SUFFIX):].isdigit():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _publish(partial: str, out_dir: str) -> None:
+    """Move the finished folder into place; an old ``out_dir`` (overwrite) goes only after that."""
+    old = None
+    if os.path.lexists(out_dir):
+        old = partial + ".old"
+        os.replace(out_dir, old)
+    os.replace(partial, out_dir)
+    if old:
+        shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
+
+
 def write_export(plan: ExportPlan, out_dir: str, link: bool = False, progress: bool = True) -> None:
-    """Write the planned folder. Under a process group of several ranks every rank must call it
-    (the reads are collective) and rank 0 writes the files."""
+    """Write the planned folder into a temporary sibling, then rename it to ``out_dir``. Under a
+    process group of several ranks every rank must call it (the reads are collective) and rank 0
+    writes the files. A failure removes the partial folder and names the file being written."""
     ensure_process_group()
-    writer = torch.distributed.get_rank() == 0
-    if writer:
-        os.makedirs(out_dir, exist_ok=True)
+    partial = _partial_dir(out_dir)
+    if torch.distributed.get_rank() != 0:
+        _write_files(plan, partial, link, progress, writer=False)
+        return
+    remove_stale_partials(out_dir)
+    os.makedirs(partial)
+    try:
+        _write_files(plan, partial, link, progress, writer=True)
+        _publish(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _write_files(plan: ExportPlan, out_dir: str, link: bool, progress: bool, writer: bool) -> None:
     cfg = plan.model_cfg
     by_hf_name = {name: e for e in mapping.entries(cfg) for name in e.hf}
     shard_entries = [list({by_hf_name[n].name: by_hf_name[n] for n in s.names}.values()) for s in plan.shards]
@@ -190,7 +249,10 @@ def _write_side_files(plan: ExportPlan, out_dir: str, link: bool) -> None:
     write_json(os.path.join(out_dir, CONFIG_FILE), uni_config(cfg, pad_token_id=eos))
     write_json(os.path.join(out_dir, "generation_config.json"), generation_config(eos, mask))
     for source, name in plan.copies:
-        _carry(source, os.path.join(out_dir, name), link)
+        try:
+            _carry(source, os.path.join(out_dir, name), link)
+        except OSError as err:
+            raise ConversionError(f"copying {source} into the export failed: {err}") from None
 
 
 def _carry(source: str, target: str, link: bool) -> None:
@@ -206,7 +268,8 @@ def _carry(source: str, target: str, link: bool) -> None:
 
 def export_hf(checkpoint: str, out_dir: str, tokenizer_dir: Optional[str] = None, base_dir: Optional[str] = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.dtype = torch.bfloat16, link: bool = False,
-              dry_run: bool = False, progress: bool = True) -> ExportPlan:
+              dry_run: bool = False, progress: bool = True, overwrite: bool = False) -> ExportPlan:
+    check_target(out_dir, overwrite, [tokenizer_dir, base_dir, checkpoint])
     plan = plan_export(checkpoint, tokenizer_dir, base_dir, max_shard_bytes, dtype)
     if not dry_run:
         write_export(plan, out_dir, link, progress)

@@ -38,6 +38,19 @@ FIELDS: Dict[str, Tuple[Callable[[Any], Any], str]] = {
 EXPLICIT = {**ROUTER.hf_config(), "tie_word_embeddings": False}
 
 
+# Architecture switches our model has exactly one way: a checkpoint stating another value is
+# refused; an absent key takes the config class default, which is this value (the Uni config omits most).
+FIXED = {
+    "score_function": "sigmoid",
+    "norm_topk_prob": True,
+    "use_qk_norm": True,
+    "tie_word_embeddings": False,
+    "use_qkv_bias": False,
+    "use_bias": False,
+    "hidden_act": "silu",
+}
+
+
 def _num_shared_experts(model_cfg) -> int:
     shared = model_cfg.moe_shared_expert_intermediate_size or 0
     if shared % model_cfg.moe_ffn_hidden_size:
@@ -66,6 +79,8 @@ def check_hf_config(hf: Dict[str, Any], model_cfg, source: str) -> int:
             problems.append(f"{key} missing (expected {getter(model_cfg)!r} from {field})")
         elif not _same(hf[key], getter(model_cfg)):
             problems.append(f"{key}={hf[key]!r} but {field}={getter(model_cfg)!r}")
+    problems += [f"{key}={hf[key]!r} but this model supports only {key}={want!r}"
+                 for key, want in FIXED.items() if key in hf and hf[key] != want]
     shared = hf.get("num_shared_experts") or 0
     if shared != _num_shared_experts(model_cfg):
         problems.append(f"num_shared_experts={shared!r} but model.moe_shared_expert_intermediate_size / "

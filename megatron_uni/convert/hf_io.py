@@ -8,15 +8,17 @@ the file names ``model-0000i-of-0000n.safetensors`` are known before any byte is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 from typing import Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from megatron_uni.errors import MegatronUniError
 from megatron_uni.fileio import write_json  # also the writer of exporter.py and tiny_hf.py
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -26,7 +28,7 @@ CONFIG_FILE = "config.json"
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
-class ConversionError(ValueError):
+class ConversionError(MegatronUniError, ValueError):
     """Bad conversion input; the message names the file / tensor and what was expected."""
 
 
@@ -38,6 +40,16 @@ def read_json(path: str) -> dict:
             return json.load(f)
         except json.JSONDecodeError as err:
             raise ConversionError(f"{path}: invalid JSON: {err}") from None
+
+
+@contextlib.contextmanager
+def open_shard(path: str):
+    """``safe_open`` whose failures (truncated or garbage file) name the file."""
+    try:
+        with safe_open(path, "pt") as handle:
+            yield handle
+    except SafetensorError as err:
+        raise ConversionError(f"{path}: not a readable safetensors file ({err}); truncated download?") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +77,7 @@ class HFCheckpoint:
         single = os.path.join(self.folder, SINGLE_FILE)
         if not os.path.isfile(single):
             raise ConversionError(f"{self.folder}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
-        with safe_open(single, "pt") as f:
+        with open_shard(single) as f:
             return {name: SINGLE_FILE for name in f.keys()}
 
     def _inspect(self) -> Dict[str, TensorInfo]:
@@ -74,12 +86,15 @@ class HFCheckpoint:
             path = os.path.join(self.folder, shard)
             if not os.path.isfile(path):
                 raise ConversionError(f"{self.folder}/{INDEX_FILE} names shard {shard}, which does not exist")
-            with safe_open(path, "pt") as f:
+            with open_shard(path) as f:
                 present = set(f.keys())
                 for name in (n for n, s in self.weight_map.items() if s == shard):
                     if name not in present:
                         raise ConversionError(f"{path}: index lists tensor {name} but the shard does not hold it")
                     piece = f.get_slice(name)
+                    if piece.get_dtype() not in _DTYPES:
+                        raise ConversionError(f"{path}: tensor {name} has dtype {piece.get_dtype()}, expected one of "
+                                              f"{sorted(_DTYPES)} (quantized checkpoints are not supported)")
                     infos[name] = TensorInfo(shard, tuple(piece.get_shape()), piece.get_dtype())
         return infos
 
@@ -89,7 +104,7 @@ class HFCheckpoint:
 
     def read_shard(self, shard: str, names: Iterable[str]) -> Dict[str, torch.Tensor]:
         """Only ``names`` (all in ``shard``) from one shard file."""
-        with safe_open(os.path.join(self.folder, shard), "pt") as f:
+        with open_shard(os.path.join(self.folder, shard)) as f:
             return {name: f.get_tensor(name) for name in names}
 
 
@@ -122,7 +137,11 @@ def write_shard(folder: str, plan: ShardPlan, tensors: Mapping[str, torch.Tensor
     if missing:
         raise ConversionError(f"shard {plan.file}: tensors not produced: {missing[:5]}")
     ordered = {name: tensors[name].contiguous() for name in plan.names}
-    save_file(ordered, os.path.join(folder, plan.file), metadata={"format": "pt"})
+    path = os.path.join(folder, plan.file)
+    try:
+        save_file(ordered, path, metadata={"format": "pt"})
+    except (OSError, SafetensorError) as err:
+        raise ConversionError(f"{path}: writing the shard failed: {err}") from None
 
 
 def write_index(folder: str, plans: Sequence[ShardPlan]) -> None:

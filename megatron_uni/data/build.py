@@ -1,8 +1,10 @@
 """JSONL task samples -> one stored dataset (``prefix.bin/.idx``), in parallel worker processes.
 
 Output order equals input order (files in the given order, lines in file order) whatever the
-number of workers, so a rebuild is byte-identical. Bad samples are skipped, counted per reason and
-listed with file:line in ``prefix.errors.txt``.
+number of workers, so a rebuild is byte-identical. Bad samples (bad JSON, bytes that are not UTF-8,
+schema violations, unknown images, image codes outside the codebook, samples over ``max_length``)
+are skipped, counted per field and listed with file:line in ``prefix.errors.txt``. A build that
+keeps no sample raises :class:`DataError` and leaves an existing dataset under ``prefix`` untouched.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 from megatron_uni.data.formats import BuildContext, build_sample, sample_rng
 from megatron_uni.data.schema import SampleError, Where
 from megatron_uni.data.storage import SampleWriter, encode_positions
+from megatron_uni.errors import DataError
 from megatron_uni.fileio import write_json
 from megatron_uni.tokens import NUM_IMAGE_CODES, Vocabulary
+
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +34,7 @@ class BuildSettings:
     num_image_codes: int = NUM_IMAGE_CODES
     cfg_dropout: float = 0.1
     seed: int = 1234
+    max_length: Optional[int] = None  # longer samples are skipped by name (None: no limit)
 
 
 @dataclasses.dataclass
@@ -43,9 +49,11 @@ class BuildReport:
         return sum(self.bad.values())
 
 
-def open_image_lookup(spec: Optional[str]) -> Callable[[str], Tuple[int, int, Sequence[int]]]:
+def open_image_lookup(spec: Optional[str], num_image_codes: Optional[int] = None
+                      ) -> Callable[[str], Tuple[int, int, Sequence[int]]]:
     """``None`` -> every lookup fails (text-only data); a ``.json`` file -> demo fallback codes;
-    a directory -> the SigLIP-VQ image-code store written by tools/tokenize_images.py."""
+    a directory -> the SigLIP-VQ image-code store written by tools/tokenize_images.py, whose codebook
+    must have ``num_image_codes`` entries (checked before any sample is read)."""
     if spec is None:
         def no_images(key: str):
             raise KeyError(key)
@@ -56,7 +64,21 @@ def open_image_lookup(spec: Optional[str]) -> Callable[[str], Tuple[int, int, Se
     if not os.path.isdir(spec):
         raise FileNotFoundError(f"image codes {spec!r}: neither an image_codes.json nor a directory")
     from megatron_uni.data.image_codes import ImageCodeStore  # written by the VQ tool's owner
-    return ImageCodeStore(spec).get
+    store = ImageCodeStore(spec)
+    codebook = store_codebook_size(store.meta)
+    if num_image_codes is not None and codebook is not None and codebook != num_image_codes:
+        raise DataError(f"image codes {spec!r} were made with a {codebook}-entry codebook "
+                        f"(index.json meta.encoder.config.vq_config.num_embeddings), but --num-image-codes is "
+                        f"{num_image_codes}; build with --num-image-codes {codebook} or retokenize the images")
+    return store.get
+
+
+def store_codebook_size(meta: dict) -> Optional[int]:
+    """Codebook size recorded by the tokenization job; None for a store without job metadata."""
+    try:
+        return int(meta["encoder"]["config"]["vq_config"]["num_embeddings"])
+    except (KeyError, TypeError):
+        return None
 
 
 _WORKER: Dict[str, object] = {}
@@ -65,29 +87,43 @@ _WORKER: Dict[str, object] = {}
 def _init_worker(settings: BuildSettings) -> None:
     _WORKER["vocab"] = Vocabulary.from_tokenizer_dir(settings.tokenizer_dir, text_size=settings.text_size,
                                                      num_image_codes=settings.num_image_codes)
-    _WORKER["lookup"] = open_image_lookup(settings.image_codes)
+    _WORKER["lookup"] = open_image_lookup(settings.image_codes)  # codebook checked once by the parent
     _WORKER["settings"] = settings
 
 
-def _tokenize(item: Tuple[str, int, str]):
-    """(file, line, text) -> packed int32 positions, or the error message of a bad sample."""
-    path, line_no, text = item
+def _tokenize(item: Tuple[str, int, bytes]):
+    """(file, line, raw bytes) -> packed int32 positions, or (field, message) of a bad sample."""
+    path, line_no, raw = item
     settings: BuildSettings = _WORKER["settings"]  # type: ignore[assignment]
     where = Where(path, line_no)
     ctx = BuildContext(vocab=_WORKER["vocab"], lookup_image=_WORKER["lookup"],  # type: ignore[arg-type]
                        rng=sample_rng(settings.seed, where), cfg_dropout=settings.cfg_dropout)
     try:
-        return encode_positions(build_sample(text, where, ctx)), None
+        packed = encode_positions(build_sample(decode_line(raw, where), where, ctx))
+        if settings.max_length is not None and packed.shape[0] > settings.max_length:
+            raise where.error("<sample>", f"{packed.shape[0]} tokens, longer than the limit {settings.max_length}")
+        return packed, None
     except SampleError as err:
         return None, (err.field, str(err))
 
 
-def read_lines(paths: Iterable[str]) -> Iterator[Tuple[str, int, str]]:
+def decode_line(raw: bytes, where: Where) -> str:
+    """UTF-8 text of one line; a UTF-8 byte-order mark opening a file is not part of the sample."""
+    if where.line == 1 and raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise where.error("<encoding>", f"not UTF-8: byte 0x{raw[err.start]:02x} at column {err.start + 1}") from None
+
+
+def read_lines(paths: Iterable[str]) -> Iterator[Tuple[str, int, bytes]]:
+    """Non-blank lines as bytes: decoding happens per sample, so a bad byte costs one sample."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line_no, text in enumerate(f, start=1):
-                if text.strip():
-                    yield path, line_no, text
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                if raw.strip() and raw.strip() != UTF8_BOM:
+                    yield path, line_no, raw
 
 
 def build_dataset(paths: Sequence[str], prefix: str, settings: BuildSettings, workers: int = 1,
@@ -99,6 +135,7 @@ def build_dataset(paths: Sequence[str], prefix: str, settings: BuildSettings, wo
     report = BuildReport()
     vocab = Vocabulary.from_tokenizer_dir(settings.tokenizer_dir, text_size=settings.text_size,
                                           num_image_codes=settings.num_image_codes)
+    open_image_lookup(settings.image_codes, settings.num_image_codes)  # refuse a wrong codebook up front
     writer = SampleWriter(prefix)
     results = _run(read_lines(paths), settings, workers)
     for packed, error in (progress(results) if progress else results):
@@ -110,6 +147,11 @@ def build_dataset(paths: Sequence[str], prefix: str, settings: BuildSettings, wo
         writer.add_packed(packed)
         report.written += 1
         report.tokens += int(packed.shape[0])
+    if not report.written:
+        writer.discard()
+        first = f"; first: {report.errors[0]}" if report.errors else ""
+        raise DataError(f"no usable sample in {list(paths)} ({report.bad_total} bad{first}); "
+                        f"{prefix}.bin/.idx left as they were")
     writer.finalize()
     with open(prefix + ".errors.txt", "w") as f:
         f.writelines(e + "\n" for e in report.errors)

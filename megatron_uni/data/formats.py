@@ -52,6 +52,11 @@ class BuildContext:
             raise where.error(field, f"image key {key!r} not found in the image-code store") from None
         if len(codes) != grid_h * grid_w:
             raise where.error(field, f"image {key!r}: {len(codes)} codes for a {grid_h}x{grid_w} grid")
+        values = np.asarray(codes, dtype=np.int64)
+        outside = values[(values < 0) | (values >= self.vocab.num_image_codes)]
+        if outside.size:
+            raise where.error(field, f"image {key!r}: code {outside[0]} outside [0, {self.vocab.num_image_codes}) "
+                                     f"({outside.size} such codes; tokenized with another codebook?)")
         return int(grid_h), int(grid_w), codes
 
 
@@ -356,6 +361,8 @@ def parse_line(line: str, where: Where) -> Tuple[str, Dict[str, Any]]:
         raw = json.loads(line)
     except json.JSONDecodeError as err:
         raise where.error("<json>", f"invalid JSON: {err.msg} at column {err.colno}") from None
+    except RecursionError:  # the C parser recurses once per nesting level
+        raise where.error("<json>", "JSON nested too deeply to parse") from None
     sample = as_object(raw, where)
     task = sample.get("task")
     if task not in TASKS:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Mapping, Optional
 
+from megatron_uni.errors import MegatronUniError
 
-class SampleError(ValueError):
+
+class SampleError(MegatronUniError, ValueError):
     """A sample violates its task schema. ``str()`` is ``file:line: field 'x': why``."""
 
     def __init__(self, where: "Where", field: str, reason: str) -> None:

@@ -11,16 +11,28 @@ Each position is ONE int32 holding the token id and its masks (one read, one fil
 
 Values stay non-negative, so megatron-core tools (merging, inspection of lengths) work unchanged;
 a plain GPT reader must apply :data:`TOKEN_MASK` to get token ids.
+
+The pair is published as one unit through ``prefix.seal.json`` (sizes and sha256 of both files):
+the seal is first marked "publishing", then ``.bin`` and ``.idx`` are renamed into place, then the
+seal is completed. A kill in between leaves a "publishing" seal, or a seal that does not match the
+files, and :class:`SampleDataset` refuses the pair by name instead of decoding a new ``.bin``
+through an old ``.idx``. A pair without any seal (written before seals existed) is still read.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import os
-from typing import Optional
+import re
+from typing import List, Optional
 
 import numpy as np
 
 from megatron_uni.data.sequence import TokenizedSample
+from megatron_uni.errors import DataError
+from megatron_uni.fileio import atomic_write_text
 
 TOKEN_BITS = 24
 TOKEN_MASK = (1 << TOKEN_BITS) - 1
@@ -51,15 +63,40 @@ def _indexed():
     return indexed_dataset
 
 
+SEAL_SUFFIX = ".seal.json"
+_TEMP_RE = re.compile(r"\.tmp\d+\.(bin|idx)$")
+
+
+def remove_stale_temporaries(prefix: str) -> List[str]:
+    """Delete ``prefix.tmpPID.bin/.idx`` left by killed builds (one build per prefix at a time)."""
+    removed = []
+    for path in glob.glob(glob.escape(prefix) + ".tmp*"):
+        if _TEMP_RE.search(path[len(prefix):]):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class SampleWriter:
-    """Writes ``prefix.bin`` / ``prefix.idx`` atomically: files appear under their name on finalize."""
+    """Writes ``prefix.bin`` / ``prefix.idx`` to temporaries and publishes them as one unit on
+    :meth:`finalize` (see the module docstring); :meth:`discard` leaves any existing pair untouched."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         directory = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(directory, exist_ok=True)
+        remove_stale_temporaries(prefix)
         self._tmp = f"{prefix}.tmp{os.getpid()}"
         self._builder = _indexed().IndexedDatasetBuilder(self._tmp + ".bin", dtype=STORAGE_DTYPE)
+        self._bin_digest = hashlib.sha256()  # hashed while written: no second pass over a large .bin
         self.count = 0
 
     def add(self, sample: TokenizedSample) -> None:
@@ -67,13 +104,48 @@ class SampleWriter:
 
     def add_packed(self, packed: np.ndarray) -> None:
         """One document already encoded by :func:`encode_positions`."""
-        self._builder.add_document(packed.astype(STORAGE_DTYPE), [int(packed.shape[0])])
+        packed = np.ascontiguousarray(packed, dtype=STORAGE_DTYPE)
+        self._builder.add_document(packed, [int(packed.shape[0])])
+        self._bin_digest.update(packed.tobytes(order="C"))
         self.count += 1
 
     def finalize(self) -> None:
         self._builder.finalize(self._tmp + ".idx")
+        seal = {"bin_bytes": os.path.getsize(self._tmp + ".bin"), "bin_sha256": self._bin_digest.hexdigest(),
+                "idx_bytes": os.path.getsize(self._tmp + ".idx"), "idx_sha256": _file_sha256(self._tmp + ".idx"),
+                "documents": self.count}
+        seal_path = self.prefix + SEAL_SUFFIX
+        atomic_write_text(seal_path, json.dumps({"state": "publishing"}) + "\n")
         os.replace(self._tmp + ".bin", self.prefix + ".bin")
         os.replace(self._tmp + ".idx", self.prefix + ".idx")
+        atomic_write_text(seal_path, json.dumps({"state": "published", **seal}, indent=1) + "\n")
+
+    def discard(self) -> None:
+        """Drop what was written; an existing dataset under the prefix stays as it was."""
+        for suffix in (".bin", ".idx"):
+            if os.path.exists(self._tmp + suffix):
+                os.remove(self._tmp + suffix)
+
+
+def check_seal(prefix: str, verify_content: bool = False) -> None:
+    """Refuse a ``.bin/.idx`` pair that was not published as one unit (a kill mid-publish)."""
+    path = prefix + SEAL_SUFFIX
+    if not os.path.isfile(path):
+        return  # written before seals existed
+    with open(path) as handle:
+        seal = json.load(handle)
+    if seal.get("state") != "published":
+        raise DataError(f"dataset {prefix!r}: its build was killed while publishing ({path} says "
+                        f"{seal.get('state')!r}); rebuild it with tools/build_dataset.py")
+    for suffix in ("bin", "idx"):
+        size = os.path.getsize(f"{prefix}.{suffix}")
+        if size != seal[f"{suffix}_bytes"]:
+            raise DataError(f"dataset {prefix!r}: {prefix}.{suffix} holds {size} bytes, its seal {path} "
+                            f"records {seal[f'{suffix}_bytes']} (files of two builds); rebuild it")
+    for suffix in ("bin", "idx") if verify_content else ():  # a full read: on request only
+        if _file_sha256(f"{prefix}.{suffix}") != seal[f"{suffix}_sha256"]:
+            raise DataError(f"dataset {prefix!r}: {prefix}.{suffix} checksum differs from its seal {path} "
+                            f"(files of two builds, or damaged); rebuild it")
 
 
 class SampleDataset:
@@ -82,6 +154,7 @@ class SampleDataset:
     def __init__(self, prefix: str) -> None:
         if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
             raise FileNotFoundError(f"dataset {prefix!r}: {prefix}.bin / {prefix}.idx not found")
+        check_seal(prefix)
         self.prefix = prefix
         self._data = _indexed().IndexedDataset(prefix, mmap=True)
         if self._data.index.dtype != STORAGE_DTYPE:

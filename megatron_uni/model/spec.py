@@ -19,13 +19,15 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_uni.model.router import LingTopKRouter
+
 
 def decoder_block_spec(config: TransformerConfig, use_te: bool, vp_stage: Optional[int] = None,
                        core_attention: Optional[Union[ModuleSpec, type]] = None) -> TransformerBlockSubmodules:
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
                                        vp_stage=vp_stage)
     # megatron's specs share one ModuleSpec object between layers; copy before editing.
-    block.layer_specs = [_same_keys_as_te(_bidirectional(copy.deepcopy(spec), core_attention))
+    block.layer_specs = [_ling_router(_same_keys_as_te(_bidirectional(copy.deepcopy(spec), core_attention)))
                          for spec in block.layer_specs]
     return block
 
@@ -47,4 +49,11 @@ def _bidirectional(layer: ModuleSpec, core_attention) -> ModuleSpec:
     attention.params = {**attention.params, "attn_mask_type": AttnMaskType.arbitrary}
     if core_attention is not None:
         attention.submodules.core_attention = core_attention
+    return layer
+
+
+def _ling_router(layer: ModuleSpec) -> ModuleSpec:
+    """MoE layers route with the Ling group score (model/router.py), not megatron's."""
+    if layer.submodules.mlp.module is MoELayer:
+        layer.submodules.mlp.submodules.router = LingTopKRouter
     return layer

@@ -22,10 +22,11 @@ import torch
 from megatron_uni.data import image_codes as store
 from megatron_uni.platform.launch import launcher_ranks
 from megatron_uni.vq import images as rules
+from megatron_uni.errors import DataError, MegatronUniError
 from megatron_uni.vq.config import VQConfig
 from megatron_uni.vq.decoding import BadImage, ImageItem, Probed, make_decoder, probe
 from megatron_uni.vq.encoder import SigLIPVQ, build_seeded
-from megatron_uni.vq.weights import load_encoder
+from megatron_uni.vq.weights import WEIGHTS_FILE, load_encoder
 
 # Test hook: a process exits abruptly (like a killed job) after encoding this many images.
 EXIT_AFTER_ENV = "MEGATRON_UNI_TOKENIZE_EXIT_AFTER"
@@ -98,20 +99,42 @@ def local_rank(comm) -> int:
 
 
 # ---- job parameters -----------------------------------------------------------------------------------
-def describe_encoder(spec: JobSpec, cfg: VQConfig) -> dict:
+def describe_encoder(spec: JobSpec, model: SigLIPVQ) -> dict:
+    """What decides the codes besides the pixels: weights (by content), config, compute dtype."""
+    cfg, dtype = model.config.to_hf_dict(), str(next(model.parameters()).dtype).replace("torch.", "")
     if spec.tiny:
-        return {"kind": "tiny", "seed": spec.tiny_seed, "config": cfg.to_hf_dict()}
-    return {"kind": "hf", "name": os.path.basename(os.path.normpath(spec.encoder_dir)), "config": cfg.to_hf_dict()}
+        return {"kind": "tiny", "seed": spec.tiny_seed, "config": cfg, "dtype": dtype}
+    return {"kind": "hf", "name": os.path.basename(os.path.normpath(spec.encoder_dir)), "config": cfg,
+            "dtype": dtype}
 
 
-def job_meta(spec: JobSpec, items: Sequence[ImageItem], encoder: dict) -> dict:
+def weights_sha256(spec: JobSpec) -> Optional[str]:
+    """Content hash of the encoder weights (rank 0 only: a full read of ~2.4 GB for the real model)."""
+    if spec.tiny:
+        return None  # the seed and config above determine the weights
+    digest = hashlib.sha256()
+    with open(os.path.join(spec.encoder_dir, WEIGHTS_FILE), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def decoder_identity(decoder) -> str:
+    """DALI on GPU, DALI on CPU and PIL give different pixels (alpha, resize kernels): each is its own job."""
+    if decoder.name != "dali":
+        return decoder.name
+    return "dali-gpu" if decoder.use_gpu else "dali-cpu"
+
+
+def job_meta(spec: JobSpec, items: Sequence[ImageItem], encoder: dict, decoder: str) -> dict:
+    """Every setting that changes the codes; a resume with any of them different is refused."""
     digest = hashlib.sha256()
     for item in items:
         digest.update(f"{item.key}\0{item.origin}\n".encode())
     return {"inputs_sha256": digest.hexdigest(), "num_inputs": len(items), "mode": spec.mode,
             "generation_target": spec.generation_target, "multi_image": spec.multi_image,
             "min_side": spec.min_side, "shard_size": spec.shard_size, "key_style": spec.key_style,
-            "encoder": encoder}
+            "encoder": encoder, "decoder": decoder}
 
 
 def claim_output(directory: str, meta: dict) -> None:
@@ -130,10 +153,16 @@ def claim_output(directory: str, meta: dict) -> None:
             previous = json.load(handle)
         changed = sorted(k for k in set(meta) | set(previous) if meta.get(k) != previous.get(k))
         if changed:
-            raise ValueError(f"{directory} holds a different tokenization job (differs in {changed}); "
-                             "use a fresh output directory")
+            detail = "; ".join(f"{k}: was {_short(previous.get(k))}, now {_short(meta.get(k))}" for k in changed)
+            raise DataError(f"{directory} holds a different tokenization job (differs in {changed}: {detail}); "
+                            "resume with the same settings or use a fresh output directory")
         return
     store.write_store_json(path, meta)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ---- encoding -----------------------------------------------------------------------------------------
@@ -228,18 +257,24 @@ def run_job(spec: JobSpec, comm=None) -> dict:
     resolve = make_resolver(spec)
     device = pick_device(spec, comm)
     model = build_encoder(spec, device)
-    meta = job_meta(spec, items, describe_encoder(spec, model.config))
-    _on_rank0_then_share(comm, lambda: claim_output(spec.output, meta))
+    decoder = make_decoder(spec.decoder, spec.batch_size, device.type == "cuda",
+                           device_id=device.index or 0)
+    meta = job_meta(spec, items, describe_encoder(spec, model), decoder_identity(decoder))
+    meta = _on_rank0_then_share(comm, lambda: _claim(spec, meta))
 
     mine = [i for i in range(len(chunks)) if i % comm.size == comm.rank]
     pending = [i for i in mine if not os.path.isfile(store.shard_path(spec.output, i))]
-    decoder = make_decoder(spec.decoder, spec.batch_size, device.type == "cuda",
-                           device_id=device.index or 0)
     counts = _process(pending, chunks, spec, resolve, decoder, model, device, comm)
     counts.update(rank=comm.rank, shards_skipped=len(mine) - len(pending), decoder=decoder.name)
     every_rank = comm.gather(counts, root=0)  # also the barrier: all shards are written after it
     summary = _on_rank0_then_share(comm, lambda: _finish(spec.output, len(chunks), meta))
     return {**summary, "this_rank": comm.rank, "ranks": every_rank if comm.rank == 0 else [counts]}
+
+
+def _claim(spec: JobSpec, meta: dict) -> dict:
+    meta = {**meta, "encoder": {**meta["encoder"], "weights_sha256": weights_sha256(spec)}}
+    claim_output(spec.output, meta)
+    return meta
 
 
 def read_items(spec: JobSpec) -> List[ImageItem]:
@@ -285,9 +320,13 @@ def _on_rank0_then_share(comm, action):
     if comm.rank == 0:
         try:
             outcome = ("ok", action())
+        except MegatronUniError as error:  # bad input: one line on every rank
+            outcome = ("refused", str(error))
         except Exception as error:  # re-raised below on all ranks so none waits forever
             outcome = ("error", f"{type(error).__name__}: {error}")
     outcome = comm.bcast(outcome, root=0)
+    if outcome[0] == "refused":
+        raise DataError(outcome[1])
     if outcome[0] == "error":
         raise RuntimeError(outcome[1])
     return outcome[1]

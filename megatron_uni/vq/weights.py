@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_uni.errors import MegatronUniError
 from megatron_uni.fileio import write_json
 from megatron_uni.shapes import summary, unexpected, wrong_shape
 from megatron_uni.vq.config import VQConfig
@@ -28,7 +29,7 @@ WEIGHTS_FILE = "model.safetensors"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(MegatronUniError, ValueError):
     """The checkpoint does not hold exactly the tensors the encoder expects."""
 
 
