@@ -41,10 +41,10 @@ EXPLICIT = {**ROUTER.hf_config(), "tie_word_embeddings": False}
 # Architecture switches our model has exactly one way: a checkpoint stating another value is
 # refused; an absent key takes the config class default, which is this value (the Uni config omits most).
 FIXED = {
-    "score_function": "sigmoid",
-    "norm_topk_prob": True,
+    "score_function": ROUTER.score_function,
+    "norm_topk_prob": ROUTER.normalise_top_k,
+    "tie_word_embeddings": EXPLICIT["tie_word_embeddings"],
     "use_qk_norm": True,
-    "tie_word_embeddings": False,
     "use_qkv_bias": False,
     "use_bias": False,
     "hidden_act": "silu",
