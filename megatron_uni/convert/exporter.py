@@ -150,11 +150,8 @@ def _read_keys(plan: ExportPlan, keys: List[str]) -> Dict[str, torch.Tensor]:
 
 def ensure_process_group() -> None:
     """dist_checkpointing reads through a process group; a lone CPU export makes a gloo one of 1."""
-    if not torch.distributed.is_initialized():
-        from megatron_uni.platform.distributed import free_port
-
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
-                                             rank=0, world_size=1)
+    if not torch.distributed.is_initialized():  # an in-memory store: no port to race for
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
 PARTIAL_SUFFIX = ".partial-"

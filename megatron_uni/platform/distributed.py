@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import socket
 import uuid
 from typing import Optional
 
@@ -20,18 +19,11 @@ from megatron_uni.platform.cpu import apply_cpu_patches
 from megatron_uni.platform.launch import LaunchInfo, detect_launch
 
 
-def free_port() -> int:
-    """A port free *now*: another process may take it before it is bound (prefer :func:`file_rendezvous`)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def file_rendezvous(directory: str) -> str:
     """``init_method`` for ranks of one machine: a new FileStore file in ``directory``.
 
-    Nothing is chosen before the ranks start, so nothing can be taken meanwhile -- unlike a port
-    from :func:`free_port` handed to spawned ranks, which another process may bind first.
+    Nothing is chosen before the ranks start, so nothing can be taken meanwhile -- unlike a free
+    port picked by the parent and handed to spawned ranks, which another process may bind first.
     """
     return "file://" + os.path.join(os.path.abspath(directory), f"rendezvous-{uuid.uuid4().hex}")
 
