@@ -12,7 +12,6 @@ from megatron_uni.diffusion.noising import NoiseConfig
 from megatron_uni.model import block_attention
 from megatron_uni.model.block_attention import BlockDiffusionAttention, block_attention_spec
 from megatron_uni.model.builder import build_model
-from megatron_uni.model.position_rope import use_position_ids_for_rope
 from diffusion_helpers import random_batch, tiny_vocab
 
 BLOCK = 8
@@ -22,9 +21,7 @@ BLOCK = 8
 def models(single_process):
     cfg = load_config("recipes/model/tiny.yaml").model
     ours = build_model(cfg, core_attention=block_attention_spec())
-    use_position_ids_for_rope(ours)
     stock = build_model(cfg)  # megatron's own DotProductAttention, dense mask
-    use_position_ids_for_rope(stock)
     stock.load_state_dict(ours.state_dict())
     ours.eval(), stock.eval()
     return ours, stock
@@ -146,7 +143,6 @@ def test_full_activation_recompute_passes_the_descriptor(models, monkeypatch):
     monkeypatch.setattr(tensor_parallel, "checkpoint", lambda *a: calls.append(1) or original(*a))
     cfg = load_config("recipes/model/tiny.yaml", ["model.recompute_granularity=full"]).model
     recomputed = build_model(cfg, core_attention=block_attention_spec())
-    use_position_ids_for_rope(recomputed)
     recomputed.load_state_dict(ours.state_dict())
     assert recomputed.config.recompute_granularity == "full"
     inputs, _ = make_inputs(6)

@@ -17,7 +17,6 @@ from megatron_uni.diffusion.losses import (LossSums, add_sums, all_reduce_sums, 
                                            loss_sums, schedule_loss)
 from megatron_uni.model.block_attention import block_attention_spec
 from megatron_uni.model.builder import build_model
-from megatron_uni.model.position_rope import use_position_ids_for_rope
 from megatron_uni.platform.distributed import destroy, file_rendezvous, init_distributed, init_model_parallel
 from megatron_uni.platform.launch import LaunchInfo
 
@@ -50,7 +49,6 @@ def _model(cfg, parallel: ParallelConfig, checkpoint=None):
     """The block-attention model under ``parallel``, with the shared weights when ``checkpoint``."""
     init_model_parallel(parallel)
     model = build_model(cfg, parallel, core_attention=block_attention_spec())
-    use_position_ids_for_rope(model)
     if checkpoint:
         load_checkpoint(checkpoint, [model])
     return model

@@ -15,15 +15,6 @@ from megatron_uni.model.router import GROUP_SCORE_EXPERTS, LingGroupScore, ling_
 TINY = os.path.join(REPO, "recipes", "model", "tiny.yaml")
 
 
-@pytest.fixture(scope="module")
-def single_process():
-    from megatron_uni.platform.distributed import destroy, init_single_process
-
-    init_single_process()
-    yield
-    destroy()
-
-
 def _megatron_and_reference(tmp_path, overrides):
     from megatron_uni.convert.hf_config import uni_config
     from megatron_uni.convert.hf_io import HFCheckpoint
@@ -35,7 +26,7 @@ def _megatron_and_reference(tmp_path, overrides):
     cfg = load_config(TINY, overrides)
     weights = write_tiny_hf(str(tmp_path / "hf"), cfg.model, text_only=True, seed=3, shards=1)
     chunks = build_model_chunks(cfg.model, cfg.parallel)
-    fill_from_hf(local_targets(chunks, cfg.model), HFCheckpoint(str(tmp_path / "hf")), cfg.model, 7, 0.02, False)
+    fill_from_hf(local_targets(chunks, cfg.model, cfg.model.text_vocab), HFCheckpoint(str(tmp_path / "hf")), cfg.model, 7, 0.02, False)
     model = chunks[0].eval()
     return model, LLaDA2Reference(weights, uni_config(cfg.model, None)), cfg.model
 
