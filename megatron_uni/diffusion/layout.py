@@ -24,6 +24,8 @@ import dataclasses
 
 import torch
 
+from megatron_uni.rounding import round_up
+
 # doc id of filler positions that equalise row lengths after compaction (never attended by others)
 FILLER_DOC = -2
 DESCRIPTOR_ROWS = 3  # doc, block, clean
@@ -138,7 +140,7 @@ def compact_rows(keep: torch.Tensor, *tensors_and_fill, multiple: int = 1):
     """
     counts = keep.sum(1)
     width = int(counts.max().item()) if keep.numel() else 0
-    width = max(multiple, -(-width // multiple) * multiple)
+    width = max(multiple, round_up(width, multiple))
     # stable sort puts kept positions first, in their original order
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
     if order.shape[1] < width:  # fewer positions than the rounded width: extend with filler slots
