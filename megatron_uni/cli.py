@@ -71,13 +71,11 @@ def cmd_train(args) -> int:
     from megatron_uni.training.batches import MicrobatchSource
 
     source = MicrobatchSource(cfg)
-    vocab = source.vocab
-    state = loop.setup(cfg, mask_id=vocab.mask_id)
+    state = loop.setup(cfg, vocabulary=source.vocab.layout())
     if is_rank0():
         print(f"training {args.recipe}: {cfg.schedule.train_iters} iterations from iteration {state.iteration}, "
               f"world size {cfg.parallel.world_size}", flush=True)
-    loop.run(state, source, source.model_seq_length, vocabulary=vocab.describe(),
-             log_fn=lambda line: print(line, flush=True))
+    loop.run(state, source, source.model_seq_length, log_fn=lambda line: print(line, flush=True))
     destroy()
     return 0
 

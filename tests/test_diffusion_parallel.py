@@ -12,16 +12,16 @@ WORLD = 2
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    from functools import partial
+    from functools import partial, reduce
 
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_uni.checkpoint import load_checkpoint, save_checkpoint
-    from megatron_uni.config import ParallelConfig, load_config
-    from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs
-    from megatron_uni.diffusion.losses import (add_sums, all_reduce_sums, combine, confidence_entropy, loss_sums,
-                                               LossSums, schedule_loss)
+    from megatron_uni.config import DiffusionConfig, ParallelConfig, load_config
+    from megatron_uni.diffusion.inputs import build_inputs
+    from megatron_uni.diffusion.losses import (add_sums, combine, confidence_entropy, loss_sums, reduce_sums,
+                                               schedule_loss)
     from megatron_uni.model.block_attention import block_attention_spec
     from megatron_uni.model.builder import build_model
     from megatron_uni.model.position_rope import use_position_ids_for_rope
@@ -35,8 +35,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     cfg = load_config("recipes/model/tiny.yaml").model
     vocab = tiny_vocab()
     batch = random_batch(torch.Generator().manual_seed(0), 4, 64, 8, vocab)
-    inputs = build_inputs(batch, vocab, DiffusionConfig(block_size=8, weighting="sqrt_masked"),
-                          torch.Generator().manual_seed(1))
+    inputs = build_inputs(batch, vocab, DiffusionConfig(weighting="sqrt_masked"), torch.Generator().manual_seed(1),
+                          block_size=8)
 
     def model_for(parallel):
         init_model_parallel(parallel)
@@ -63,10 +63,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     results = {}
     # reference: the full batch on one rank's full model (TP1), weights shared through a checkpoint
     model = model_for(ParallelConfig())
-    save_checkpoint(os.path.join(out_dir, "ckpt"), 1, [model], cfg, vocab.describe(), ParallelConfig())
+    save_checkpoint(os.path.join(out_dir, "ckpt"), 1, [model], cfg, vocab.layout(), ParallelConfig())
     load_checkpoint(os.path.join(out_dir, "ckpt"), [model])
     with torch.no_grad():
-        reference = combine(loss_sums(per_token_ce(model, inputs), inputs))["loss"].item()
+        reference = combine(loss_sums(per_token_ce(model, inputs), inputs)).loss.item()
         logits = model(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
         cap_reference = confidence_entropy(logits, inputs.labels)[0]
     results["reference"] = reference
@@ -78,13 +78,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             part = sub_inputs(slice(i, i + 1))
             sums = loss_sums(per_token_ce(model, part), part)
             local = sums if local is None else add_sums(local, sums)
-        results["dp2"] = combine(all_reduce_sums(local, parallel_state.get_data_parallel_group()))["loss"].item()
+        results["dp2"] = combine(reduce_sums([local], parallel_state.get_data_parallel_group())).loss.item()
 
     # TP2 + sequence parallel: heads and vocabulary split; vocab-parallel CE; CAP over vocab shards
     model = model_for(ParallelConfig(tensor=2, sequence_parallel=True))
     load_checkpoint(os.path.join(out_dir, "ckpt"), [model])
     with torch.no_grad():
-        results["tp2"] = combine(loss_sums(per_token_ce(model, inputs), inputs))["loss"].item()
+        results["tp2"] = combine(loss_sums(per_token_ce(model, inputs), inputs)).loss.item()
         shard = model(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
         start = parallel_state.get_tensor_model_parallel_rank() * shard.shape[-1]
         cap = confidence_entropy(shard, inputs.labels, start, parallel_state.get_tensor_model_parallel_group())[0]
@@ -107,8 +107,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         forward_step_func=forward_step, data_iterator=micro, model=[model], num_microbatches=4,
         seq_length=inputs.input_ids.shape[1], micro_batch_size=1, forward_only=True)
     if parallel_state.is_pipeline_last_stage():
-        total = LossSums.from_stacked(sum(s["diffusion"] for s in stats))
-        results["pp2"] = combine(total)["loss"].item()
+        total = reduce(add_sums, [s["diffusion"] for s in stats])
+        results["pp2"] = combine(total).loss.item()
         results["pp2_stage_count"] = len(stats)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)

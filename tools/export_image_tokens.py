@@ -17,10 +17,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_uni.config import ModelConfig  # noqa: E402
+from megatron_uni.config import load_config  # noqa: E402
 from megatron_uni.convert.hf_io import ConversionError  # noqa: E402
 
-DEFAULTS = ModelConfig()
+# the released model's vocabulary sizes
+DEFAULTS = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "recipes", "model", "llada2_uni_16b.yaml")).model
 
 
 def parse_args(argv=None):

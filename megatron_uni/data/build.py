@@ -116,7 +116,7 @@ def build_dataset(paths: Sequence[str], prefix: str, settings: BuildSettings, wo
     with open(prefix + ".build.json", "w") as f:
         json.dump({"inputs": [os.path.basename(p) for p in paths], "written": report.written,
                    "tokens": report.tokens, "bad": report.bad, "settings": dataclasses.asdict(settings),
-                   "vocabulary": vocab.describe()},
+                   "vocabulary": vocab.layout().to_dict()},
                   f, indent=2)
     return report
 
