@@ -314,6 +314,10 @@ def _section(name: str, cls: type, values: Any) -> Any:
         raise ConfigError(f"{name}: expected a mapping of keys, got {type(values).__name__}")
     fields = typing.get_type_hints(cls)
     for key in values:
+        derived = getattr(cls, key, None)
+        if isinstance(derived, property):  # e.g. model.vocab
+            reason = (derived.__doc__ or "computed from the other keys").splitlines()[0]
+            raise ConfigError(f"{name}.{key} is derived, not set: {reason}")
         if key not in fields:
             raise ConfigError(f"unknown key {name}.{key}; known: {', '.join(fields)}")
     coerced = {key: _coerce(f"{name}.{key}", value, fields[key]) for key, value in values.items()}

@@ -3,10 +3,10 @@
 import torch
 import torch.nn.functional as F
 
-from megatron_uni.data.batch import IGNORE_INDEX
 from megatron_uni.config import DiffusionConfig
+from megatron_uni.data.batch import IGNORE_INDEX
 from megatron_uni.diffusion.inputs import build_inputs
-from megatron_uni.diffusion.losses import (LossSums, add_sums, reduce_sums, combine, confidence_entropy,
+from megatron_uni.diffusion.losses import (LossSums, add_sums, combine, confidence_entropy, reduce_sums,
                                            loss_sums, mask_embedding_noise_hook)
 from tests.diffusion_helpers import random_batch, tiny_vocab
 
@@ -108,3 +108,22 @@ def test_schedule_loss_counts_are_integers_and_the_ratio_is_kept():
         ratio = (loss / count).item()
         assert abs(ratio - combine(sums).loss.item()) <= tolerance * ratio + 1e-7
         torch.testing.assert_close(report["diffusion"].stacked(), sums.stacked())
+
+
+def test_reduce_sums_adds_micro_batches_and_a_copy_holder_adds_nothing():
+    a, b = _inputs(2), _inputs(3)
+    ce_a, ce_b = torch.rand(a.labels.shape), torch.rand(b.labels.shape)
+    sums = [loss_sums(ce_a, a), loss_sums(ce_b, b)]
+    torch.testing.assert_close(reduce_sums(sums).stacked(), add_sums(*sums).stacked())
+    assert not reduce_sums(sums, contributes=False).stacked().any()
+    report = combine(reduce_sums(sums))
+    assert report.loss.item() == report.diffusion_loss.item() > 0   # no CAP term without confidence_beta
+
+
+def test_every_weighting_has_a_fixed_point_factor():
+    import typing
+
+    from megatron_uni.config import Weighting
+    from megatron_uni.diffusion.losses import NORMALIZER_FIXED_POINT
+
+    assert set(NORMALIZER_FIXED_POINT) == set(typing.get_args(Weighting))

@@ -29,8 +29,8 @@ from megatron_uni.model.block_attention import block_attention_spec
 from megatron_uni.model.builder import build_model_chunks
 from megatron_uni.platform.cpu import cpu_optimizer_scope
 from megatron_uni.platform.distributed import init_distributed, is_rank0
-from megatron_uni.training.optim import build_optimizer, build_scheduler
 from megatron_uni.tokens import VocabularyLayout
+from megatron_uni.training.optim import build_optimizer, build_scheduler
 from megatron_uni.training.step import make_forward_step
 
 log = logging.getLogger("megatron_uni.train")
@@ -111,7 +111,8 @@ def setup(cfg: Config, vocabulary: Optional[VocabularyLayout] = None) -> TrainSt
     state = TrainState(cfg=cfg, model=chunks, optimizer=optimizer, scheduler=scheduler, vocabulary=vocabulary)
     if cfg.diffusion.mask_noise_steps and vocabulary is not None and first_chunk.pre_process:
         sp_rank = parallel_state.get_tensor_model_parallel_rank() if cfg.parallel.sequence_parallel else 0
-        hook = mask_embedding_noise_hook(vocabulary.mask_id, cfg.diffusion.mask_noise_std, cfg.diffusion.mask_noise_steps,
+        diffusion = cfg.diffusion
+        hook = mask_embedding_noise_hook(vocabulary.mask_id, diffusion.mask_noise_std, diffusion.mask_noise_steps,
                                          current_step=lambda: state.iteration, sequence_parallel_rank=sp_rank)
         first_chunk.embedding.register_forward_hook(hook, with_kwargs=True)
     # A run's own checkpoints win over checkpoint.load: a requeued job must continue, not restart
