@@ -141,7 +141,7 @@ class ParallelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    path: Optional[str] = None             # dataset prefix (PREFIX.idx/.bin) or a blend recipe (.yaml)
+    path: Optional[str] = None             # dataset prefix (PREFIX.idx/.bin) or blend YAML; required to train
     tokenizer: Optional[str] = None        # directory holding tokenizer.json
     seq_length: int = 256
     block_size: int = 32
