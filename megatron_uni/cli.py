@@ -36,6 +36,8 @@ def describe(cfg: Config) -> str:
         f"({counts.total:,} / {counts.active:,})",
         f"  embeddings (input + output) {counts.embedding:,}; attention {counts.attention:,}; "
         f"dense FFN {counts.dense_mlp:,}; routed experts {counts.experts:,}",
+        f"vocabulary: {cfg.model.text_vocab:,} text + {cfg.model.num_image_codes:,} image codes = "
+        f"{cfg.model.vocab:,} model rows (padded to a multiple of 128)",
         f"parallel layout: TP {p.tensor} x PP {p.pipeline}"
         + (f" (VPP {p.virtual_pipeline})" if p.virtual_pipeline else "")
         + f" x CP {p.context}; EP {p.expert} (expert-TP {p.expert_tensor}); SP {p.sequence_parallel}; "

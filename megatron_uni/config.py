@@ -220,7 +220,8 @@ class Config:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {**dataclasses.asdict(self), "model": self.model.to_dict()}
+        """Every key of every section: written as YAML it loads back as the same recipe."""
+        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------

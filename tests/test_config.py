@@ -264,3 +264,12 @@ def test_parallel_megatron_kwargs_are_accepted_by_both_megatron_consumers():
     initialize = inspect.signature(parallel_state.initialize_model_parallel).parameters
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}
     assert set(kwargs) <= set(initialize) and set(kwargs) <= fields
+
+
+def test_a_resolved_config_written_as_yaml_loads_back_unchanged(tmp_path):
+    import yaml
+
+    cfg = load_config(BIG, ["parallel.tensor=2", "parallel.expert_tensor=2", "parallel.sequence_parallel=true",
+                            "diffusion.weighting=elbo"])
+    recipe = _write(tmp_path / "resolved.yaml", yaml.safe_dump(cfg.to_dict()))
+    assert load_config(recipe) == cfg

@@ -24,6 +24,7 @@ from megatron_uni.config import Weighting
 from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_IMAGE, MODALITY_TEXT
 from megatron_uni.diffusion.inputs import DiffusionInputs
 
+
 @dataclasses.dataclass
 class LossSums:
     """Additive loss statistics of some tokens; every field a scalar tensor."""
