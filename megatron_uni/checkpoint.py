@@ -5,7 +5,8 @@
       iter_0000100/
         model/               megatron-core dist_checkpointing (torch_dist) of the model's sharded
                              state dict (+ "optimizer" when saved by training)
-        metadata.json        resolved model config, vocabulary, iteration, parallel layout, extras
+        metadata.json        CheckpointMetadata: model config, vocabulary layout, iteration,
+                             parallel layout, scheduler state and resolved recipe (training)
 
 The model state is keyed by megatron's global sharded keys, so any TP/PP/VPP/EP layout loads any
 other. ``metadata.json`` is written after every rank finished the model state, and ``latest``
@@ -19,12 +20,14 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_uni.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_uni.errors import MegatronUniError
-from megatron_uni.fileio import atomic_write_text, write_json
+from megatron_uni.fileio import atomic_write_text
+from megatron_uni.tokens import VocabularyLayout
 
 FORMAT = "megatron_uni.checkpoint/1"
 LATEST = "latest"
@@ -35,6 +38,48 @@ _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 class CheckpointError(MegatronUniError, RuntimeError):
     pass
+
+
+@dataclasses.dataclass
+class CheckpointMetadata:
+    """What ``metadata.json`` records about one saved iteration."""
+
+    iteration: int
+    model_config: ModelConfig
+    vocabulary: Optional[VocabularyLayout]     # None when the writer knew no vocabulary
+    parallel: ParallelConfig                   # the layout it was saved with (any layout loads it)
+    world_size: int = 1
+    model_keys: List[str] = dataclasses.field(default_factory=list)   # "model" or "model0".. (VPP)
+    extra_keys: List[str] = dataclasses.field(default_factory=list)   # e.g. "optimizer"
+    scheduler: Optional[Dict[str, Any]] = None         # megatron's OptimizerParamScheduler state
+    config: Optional[Dict[str, Any]] = None            # the resolved recipe of a training run
+    converted_from: Optional[Dict[str, Any]] = None    # HF import facts (convert/importer.py)
+    format: str = FORMAT
+    # where it was read from; not written
+    iteration_dir: Optional[str] = dataclasses.field(default=None, compare=False)
+
+    def to_json(self) -> str:
+        raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "iteration_dir"}
+        raw.update(model_config=self.model_config.to_dict(), parallel=dataclasses.asdict(self.parallel),
+                   vocabulary=self.vocabulary.to_dict() if self.vocabulary else None)
+        return json.dumps({k: v for k, v in raw.items() if v is not None or k == "vocabulary"},
+                          indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = METADATA) -> "CheckpointMetadata":
+        raw = json.loads(text)
+        if raw.get("format") != FORMAT:
+            raise CheckpointError(f"{where}: format {raw.get('format')!r}, expected {FORMAT!r}")
+        try:
+            model = ModelConfig.from_dict(raw["model_config"])
+            parallel_fields = {f.name for f in dataclasses.fields(ParallelConfig)}
+            parallel = ParallelConfig(**{k: v for k, v in (raw.get("parallel") or {}).items() if k in parallel_fields})
+            vocabulary = VocabularyLayout.from_dict(raw["vocabulary"]) if raw.get("vocabulary") else None
+        except (KeyError, TypeError, ConfigError) as err:
+            raise CheckpointError(f"{where}: unreadable metadata: {err}") from None
+        known = {f.name for f in dataclasses.fields(cls)} - {"model_config", "parallel", "vocabulary", "iteration_dir"}
+        return cls(model_config=model, parallel=parallel, vocabulary=vocabulary,
+                   **{k: v for k, v in raw.items() if k in known})
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -58,13 +103,13 @@ def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> Dict[st
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.Module], model_config: Any,
-                    vocabulary: Optional[dict], parallel_layout: Any,
-                    extra_sharded: Optional[Dict[str, Any]] = None,
-                    extra_metadata: Optional[Dict[str, Any]] = None) -> str:
+def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.Module], model_config: ModelConfig,
+                    vocabulary: Optional[VocabularyLayout], parallel_layout: ParallelConfig,
+                    extra_sharded: Optional[Dict[str, Any]] = None, **extras: Any) -> str:
     """Save the model (and ``extra_sharded`` items, e.g. the optimizer) collectively on all ranks.
 
-    ``model_config`` / ``parallel_layout`` may be dataclasses or dicts. Returns the iteration dir.
+    ``extras`` fill the optional fields of :class:`CheckpointMetadata` (``scheduler``, ``config``,
+    ``converted_from``). Returns the iteration dir.
     """
     from megatron.core import dist_checkpointing
 
@@ -84,18 +129,12 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
     dist_checkpointing.save(state, model_dir)
     _barrier()
     if _rank() == 0:
-        metadata = {
-            "format": FORMAT,
-            "iteration": iteration,
-            "model_config": _as_dict(model_config),
-            "vocabulary": vocabulary,
-            "parallel": _as_dict(parallel_layout),
-            "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
-            "model_keys": sorted(k for k in state if k.startswith("model")),
-            "extra_keys": sorted(extra_sharded or {}),
-            **(extra_metadata or {}),
-        }
-        write_json(os.path.join(iter_dir, METADATA), metadata)
+        metadata = CheckpointMetadata(
+            iteration=iteration, model_config=model_config, vocabulary=vocabulary, parallel=parallel_layout,
+            world_size=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+            model_keys=sorted(k for k in state if k.startswith("model")), extra_keys=sorted(extra_sharded or {}),
+            **extras)
+        atomic_write_text(os.path.join(iter_dir, METADATA), metadata.to_json())
         atomic_write_text(os.path.join(root, LATEST), iteration_dir_name(iteration) + "\n")
     _barrier()
     return iter_dir
@@ -109,10 +148,6 @@ def _newer_than_latest(root: str, iteration: int) -> bool:
         return True
     named = _ITER_RE.match(open(latest).read().strip())
     return named is not None and iteration > int(named.group(1))
-
-
-def _as_dict(obj: Any) -> Any:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
 def latest_iteration_dir(root: str) -> Optional[str]:
@@ -140,48 +175,49 @@ def resolve_iteration_dir(path: str) -> str:
     return iter_dir
 
 
-def read_metadata(path: str) -> Dict[str, Any]:
+def read_metadata(path: str) -> CheckpointMetadata:
+    """The metadata of a checkpoint root (its ``latest``) or of an ``iter_*`` directory."""
     iter_dir = resolve_iteration_dir(path)
-    with open(os.path.join(iter_dir, METADATA)) as f:
-        metadata = json.load(f)
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{iter_dir}/{METADATA}: format {metadata.get('format')!r}, expected {FORMAT!r}")
+    where = os.path.join(iter_dir, METADATA)
+    with open(where) as f:
+        metadata = CheckpointMetadata.from_json(f.read(), where)
+    metadata.iteration_dir = iter_dir
     return metadata
 
 
-def check_model_config(metadata: Dict[str, Any], model_config: Any, keys: Sequence[str] = (
-        "num_layers", "hidden_size", "ffn_hidden_size", "first_k_dense", "num_attention_heads",
-        "num_query_groups", "kv_channels", "num_experts", "moe_ffn_hidden_size",
-        "moe_shared_expert_intermediate_size", "vocab")) -> None:
+SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "first_k_dense", "num_attention_heads",
+              "num_query_groups", "kv_channels", "num_experts", "moe_ffn_hidden_size",
+              "moe_shared_expert_intermediate_size", "vocab")
+
+
+def check_model_config(metadata: CheckpointMetadata, model_config: ModelConfig,
+                       keys: Sequence[str] = SHAPE_KEYS) -> None:
     """Refuse to load weights into a model of another shape, naming every differing key."""
-    saved = metadata.get("model_config") or {}
-    wanted = _as_dict(model_config)
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {wanted.get(k)!r}"
-             for k in keys if k in saved and saved.get(k) != wanted.get(k)]
+    saved = metadata.model_config
+    diffs = [f"model.{k}: checkpoint {getattr(saved, k)!r} vs config {getattr(model_config, k)!r}"
+             for k in keys if getattr(saved, k) != getattr(model_config, k)]
     if diffs:
         raise CheckpointError("checkpoint does not match the model config: " + "; ".join(diffs))
 
 
-def load_checkpoint(path: str, model_chunks: Sequence[torch.nn.Module], model_config: Any = None,
-                    extra_sharded: Optional[Dict[str, Any]] = None, strict: bool = True) -> Dict[str, Any]:
-    """Load model state (any saved layout) into ``model_chunks``; returns metadata + loaded extras.
+def load_checkpoint(path: str, model_chunks: Sequence[torch.nn.Module], model_config: Optional[ModelConfig] = None,
+                    extra_sharded: Optional[Dict[str, Any]] = None,
+                    strict: bool = True) -> Tuple[CheckpointMetadata, Dict[str, Any]]:
+    """Load model state (any saved layout) into ``model_chunks``; returns ``(metadata, extras)``.
 
-    ``extra_sharded`` (e.g. the optimizer's sharded state dict) is loaded from the same checkpoint
-    and returned under ``metadata["loaded_extra"]``.
+    ``extra_sharded`` (e.g. the optimizer's sharded state dict) is loaded from the same checkpoint;
+    ``extras`` maps each of its keys to the loaded state.
     """
     from megatron.core import dist_checkpointing
 
-    iter_dir = resolve_iteration_dir(path)
-    metadata = read_metadata(iter_dir)
+    metadata = read_metadata(path)
     if model_config is not None:
         check_model_config(metadata, model_config)
     state = model_sharded_state_dict(model_chunks)
     state.update(extra_sharded or {})
-    loaded = dist_checkpointing.load(state, os.path.join(iter_dir, MODEL_DIR))
+    loaded = dist_checkpointing.load(state, os.path.join(metadata.iteration_dir, MODEL_DIR))
     chunks: List[torch.nn.Module] = [getattr(c, "module", c) for c in model_chunks]
     names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for name, chunk in zip(names, chunks):
         chunk.load_state_dict(loaded[name], strict=strict)
-    metadata["loaded_extra"] = {k: loaded[k] for k in (extra_sharded or {})}
-    metadata["iteration_dir"] = iter_dir
-    return metadata
+    return metadata, {k: loaded[k] for k in (extra_sharded or {})}

@@ -37,6 +37,8 @@ def describe(cfg: Config) -> str:
         f"({counts.total:,} / {counts.active:,})",
         f"  embeddings (input + output) {counts.embedding:,}; attention {counts.attention:,}; "
         f"dense FFN {counts.dense_mlp:,}; routed experts {counts.experts:,}",
+        f"vocabulary: {cfg.model.text_vocab:,} text + {cfg.model.num_image_codes:,} image codes = "
+        f"{cfg.model.vocab:,} model rows (padded to a multiple of 128)",
         f"parallel layout: TP {p.tensor} x PP {p.pipeline}"
         + (f" (VPP {p.virtual_pipeline})" if p.virtual_pipeline else "")
         + f" x CP {p.context}; EP {p.expert} (expert-TP {p.expert_tensor}); SP {p.sequence_parallel}; "
@@ -72,13 +74,11 @@ def cmd_train(args) -> int:
     from megatron_uni.training.batches import MicrobatchSource
 
     source = MicrobatchSource(cfg)
-    vocab = source.vocab
-    state = loop.setup(cfg, mask_id=vocab.mask_id)
+    state = loop.setup(cfg, vocabulary=source.vocab.layout())
     if is_rank0():
         print(f"training {args.recipe}: {cfg.schedule.train_iters} iterations from iteration {state.iteration}, "
               f"world size {cfg.parallel.world_size}", flush=True)
-    loop.run(state, source, source.model_seq_length, vocabulary=vocab.describe(),
-             log_fn=lambda line: print(line, flush=True))
+    loop.run(state, source, source.model_seq_length, log_fn=lambda line: print(line, flush=True))
     destroy()
     return 0
 

@@ -13,11 +13,12 @@ import dataclasses
 import os
 import re
 import typing
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import yaml
 
 from megatron_uni.errors import MegatronUniError
+from megatron_uni.tokens import VocabularyLayout, pad_vocab_size
 
 
 class ConfigError(MegatronUniError, ValueError):
@@ -27,42 +28,68 @@ class ConfigError(MegatronUniError, ValueError):
 # ----------------------------------------------------------------------------------------------
 # sections
 # ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class ModelConfig:
-    """LLaDA2.0-Uni backbone (LLaDA2.0-mini / Ling-mini-2.0 architecture, Uni vocabulary)."""
+ParamsDtype = Literal["float32", "bfloat16"]
+TransformerImpl = Literal["auto", "transformer_engine", "local"]   # auto: TE if importable
+Fp8Format = Literal["e4m3", "hybrid"]
+Fp8Recipe = Literal["delayed", "tensorwise", "blockwise"]
+RecomputeGranularity = Literal["full", "selective"]
+Dispatcher = Literal["alltoall", "allgather"]
+DecayStyle = Literal["constant", "linear", "cosine"]
+Weighting = Literal["mean", "elbo", "sqrt_masked"]   # diffusion loss weighting, see diffusion/inputs.py
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
-    num_layers: int = 20
-    hidden_size: int = 2048
-    ffn_hidden_size: int = 5120            # dense SwiGLU FFN of the first `first_k_dense` layers
-    first_k_dense: int = 1
-    num_attention_heads: int = 16
-    num_query_groups: int = 4
-    kv_channels: int = 128                 # head dim
-    num_experts: int = 256
-    moe_ffn_hidden_size: int = 512
-    moe_router_topk: int = 8
-    moe_router_num_groups: int = 8
-    moe_router_group_topk: int = 4
+
+@dataclasses.dataclass(kw_only=True)
+class ModelConfig:
+    """LLaDA2.0-Uni backbone (LLaDA2.0-mini / Ling-mini-2.0 architecture, Uni vocabulary).
+
+    The sizes have no defaults: every recipe includes one of recipes/model/*.yaml. The defaults
+    below are the family's constants, shared by all sizes.
+    """
+
+    # ---- sizes (required) ----
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int                   # dense SwiGLU FFN of the first `first_k_dense` layers
+    first_k_dense: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int                       # head dim
+    num_experts: int
+    moe_ffn_hidden_size: int
+    moe_router_topk: int
+    moe_router_num_groups: int
+    moe_router_group_topk: int
+    moe_shared_expert_intermediate_size: Optional[int]   # null: no shared expert
+    text_vocab: int                        # = image_offset
+    num_image_codes: int
+    max_position_embeddings: int
+    # ---- family constants and switches ----
     moe_router_topk_scaling_factor: float = 2.5
-    moe_shared_expert_intermediate_size: Optional[int] = 512   # null: no shared expert
     moe_router_bias_update_rate: float = 1e-3
     moe_z_loss_coeff: Optional[float] = None
-    moe_token_dispatcher_type: str = "alltoall"
+    moe_token_dispatcher_type: Dispatcher = "alltoall"
     moe_grouped_gemm: bool = False         # TE grouped GEMM experts (GPU only)
     rotary_base: int = 600000
     rotary_percent: float = 0.5
     norm_epsilon: float = 1e-6
-    text_vocab: int = 157184               # = image_offset
-    num_image_codes: int = 16384
-    vocab: int = 173568                    # model vocabulary rows (text + image codes, padded)
-    max_position_embeddings: int = 8192
     init_method_std: float = 0.02
-    params_dtype: str = "float32"          # float32 | bfloat16
-    transformer_impl: str = "auto"         # auto (TE if importable) | transformer_engine | local
-    fp8: Optional[str] = None              # None | e4m3 | hybrid
-    fp8_recipe: str = "delayed"            # delayed | tensorwise | blockwise
-    recompute_granularity: Optional[str] = None   # None | full | selective
+    params_dtype: ParamsDtype = "float32"
+    transformer_impl: TransformerImpl = "auto"
+    fp8: Optional[Fp8Format] = None
+    fp8_recipe: Fp8Recipe = "delayed"
+    recompute_granularity: Optional[RecomputeGranularity] = None
     recompute_modules: Optional[List[str]] = None
+
+    @property
+    def vocab(self) -> int:
+        """Model vocabulary rows: text + image codes, padded by the rule of ``tokens.pad_vocab_size``."""
+        return pad_vocab_size(self.text_vocab + self.num_image_codes)
+
+    @property
+    def vocabulary_layout(self) -> VocabularyLayout:
+        """The layout this model's sizes imply (no special ids: they come from a tokenizer)."""
+        return VocabularyLayout.of_sizes(self.text_vocab, self.num_image_codes)
 
     @property
     def has_moe(self) -> bool:
@@ -71,6 +98,21 @@ class ModelConfig:
     @property
     def moe_layer_pattern(self) -> List[int]:
         return [0] * self.first_k_dense + [1] * (self.num_layers - self.first_k_dense)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The fields plus the derived ``vocab`` (what checkpoints and ``info`` record)."""
+        return {**dataclasses.asdict(self), "vocab": self.vocab}
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any]) -> "ModelConfig":
+        """From a recorded :meth:`to_dict`, ignoring keys this version does not know; a recorded
+        ``vocab`` must match the one derived from the sizes."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        model = cls(**{k: v for k, v in raw.items() if k in known})
+        if "vocab" in raw and raw["vocab"] != model.vocab:
+            raise ConfigError(f"model.vocab={raw['vocab']} does not equal model.text_vocab={model.text_vocab} + "
+                              f"model.num_image_codes={model.num_image_codes} padded to {model.vocab}")
+        return model
 
 
 @dataclasses.dataclass
@@ -85,10 +127,22 @@ class ParallelConfig:
     distributed_optimizer: bool = False
     world_size: Optional[int] = None       # None: taken from the launcher at run time
 
+    def megatron_kwargs(self) -> Dict[str, Any]:
+        """The group sizes under the argument names shared by megatron-core's
+        ``parallel_state.initialize_model_parallel`` and ``TransformerConfig``."""
+        return dict(
+            tensor_model_parallel_size=self.tensor,
+            pipeline_model_parallel_size=self.pipeline,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline,
+            context_parallel_size=self.context,
+            expert_model_parallel_size=self.expert,
+            expert_tensor_parallel_size=self.expert_tensor,
+        )
+
 
 @dataclasses.dataclass
 class DataConfig:
-    path: Optional[str] = None             # dataset prefix / directory; None = built-in demo data
+    path: Optional[str] = None             # dataset prefix (PREFIX.idx/.bin) or blend YAML; required to train
     tokenizer: Optional[str] = None        # directory holding tokenizer.json
     seq_length: int = 256
     block_size: int = 32
@@ -114,23 +168,31 @@ class OptimizerConfig:
 class ScheduleConfig:
     train_iters: int = 10
     warmup_iters: int = 2
-    decay_style: str = "cosine"            # constant | linear | cosine
+    decay_style: DecayStyle = "cosine"
     exit_interval: int = 0                 # >0: save and exit when iteration % exit_interval == 0
 
 
 @dataclasses.dataclass
-class DiffusionSection:
-    """Block-diffusion objective (see docs/diffusion.md); block size lives in ``data.block_size``."""
+class DiffusionConfig:
+    """Block-diffusion objective, the recipe section ``diffusion:`` (see docs/diffusion.md).
+
+    Read by the noiser (``t_*``, ``per_block``, ``antithetic``, ``complementary``), the input
+    builder (``weighting``, ``prefix_aware``) and the training loop (``mask_noise_*``). The block
+    size lives in ``data.block_size`` (the packer pads documents to it too).
+    """
 
     t_min: float = 0.3                     # mask-ratio bandwidth (SFT 0.3-0.8; pretraining ~[1e-3, 1])
     t_max: float = 0.8
-    per_block: bool = False
-    antithetic: bool = False
-    complementary: bool = False
-    weighting: str = "mean"                # mean | elbo | sqrt_masked
+    per_block: bool = False                # one t per block instead of per sample
+    antithetic: bool = False               # stratified t across the micro-batch
+    complementary: bool = False            # each sample followed by its complement-masked copy
+    weighting: Weighting = "mean"
     prefix_aware: bool = False
     mask_noise_std: float = 0.0            # Gaussian noise on mask-token embeddings ...
     mask_noise_steps: int = 0              # ... for the first N steps (LLaDA2 stability fix)
+
+    def __post_init__(self) -> None:
+        validate_diffusion(self)
 
 
 @dataclasses.dataclass
@@ -144,21 +206,22 @@ class CheckpointConfig:
 @dataclasses.dataclass
 class LoggingConfig:
     log_interval: int = 1
-    level: str = "INFO"
+    level: LogLevel = "INFO"
 
 
 @dataclasses.dataclass
 class Config:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    model: ModelConfig
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
-    diffusion: DiffusionSection = dataclasses.field(default_factory=DiffusionSection)
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     def to_dict(self) -> Dict[str, Any]:
+        """Every key of every section: written as YAML it loads back as the same recipe."""
         return dataclasses.asdict(self)
 
 
@@ -211,7 +274,7 @@ def parse_override(text: str) -> tuple:
 _SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
+def _coerce(key: str, value: Any, annotation: Any, nullable: bool = False) -> Any:
     """Check ``value`` against a field's type, accepting int for float. Raise naming ``key``."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -219,7 +282,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
+        return _coerce(key, value, inner[0], nullable=type(None) in args)
+    if origin is Literal:
+        if isinstance(value, bool) or value not in args:
+            allowed = ", ".join(str(a) for a in args) + (" or null" if nullable else "")
+            raise ConfigError(f"{key}={value!r} is not allowed: one of {allowed}")
+        return value
     if origin in (list, List):
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
@@ -237,26 +305,44 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+def _required(cls: type) -> List[str]:
+    return [f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
+def _section(name: str, cls: type, values: Any) -> Any:
+    """One recipe section: known keys, typed values, required keys present; then the dataclass."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {type(values).__name__}")
+    fields = typing.get_type_hints(cls)
+    for key in values:
+        derived = getattr(cls, key, None)
+        if isinstance(derived, property):  # e.g. model.vocab
+            reason = (derived.__doc__ or "computed from the other keys").splitlines()[0]
+            raise ConfigError(f"{name}.{key} is derived, not set: {reason}")
+        if key not in fields:
+            raise ConfigError(f"unknown key {name}.{key}; known: {', '.join(fields)}")
+    coerced = {key: _coerce(f"{name}.{key}", value, fields[key]) for key, value in values.items()}
+    missing = [f"{name}.{key}" for key in _required(cls) if key not in coerced]
+    if missing:
+        raise ConfigError(f"{name}: the recipe does not set {', '.join(missing)} (include a model size, e.g. "
+                          f"recipes/model/tiny.yaml or recipes/model/llada2_uni_16b.yaml)")
+    return cls(**coerced)
+
+
 def config_from_dict(raw: Dict[str, Any]) -> Config:
-    cfg = Config()
     hints = typing.get_type_hints(Config)
-    for section, values in raw.items():
+    for section in raw:
         if section not in hints:
             raise ConfigError(f"unknown section {section!r}; known: {', '.join(hints)}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"{section}: expected a mapping of keys, got {type(values).__name__}")
-        obj = getattr(cfg, section)
-        fields = typing.get_type_hints(type(obj))
-        for key, value in values.items():
-            if key not in fields:
-                raise ConfigError(f"unknown key {section}.{key}; known: {', '.join(fields)}")
-            setattr(obj, key, _coerce(f"{section}.{key}", value, fields[key]))
+    cfg = Config(**{section: _section(section, cls, raw.get(section, {})) for section, cls in hints.items()})
     validate(cfg)
     return cfg
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a recipe (or the defaults), apply ``section.key=value`` overrides, validate."""
+    """Read a recipe (or nothing: then the overrides must set the model size), apply
+    ``section.key=value`` overrides, validate."""
     raw = _read_yaml(path) if path else {}
     for text in overrides:
         (section, key), value = parse_override(text)
@@ -275,7 +361,22 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_choices(section: str, obj: Any) -> None:
+    """Every ``Literal`` field of ``obj`` holds one of its allowed values (for sections built in code)."""
+    for name, hint in typing.get_type_hints(type(obj)).items():
+        inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if typing.get_origin(hint) is Literal or typing.get_origin(inner[0]) is Literal:
+            _coerce(f"{section}.{name}", getattr(obj, name), hint)
+
+
+def validate_diffusion(d: DiffusionConfig) -> None:
+    _check_choices("diffusion", d)
+    _require(0.0 <= d.t_min <= d.t_max <= 1.0,
+             f"diffusion.t_min={d.t_min} / diffusion.t_max={d.t_max} must satisfy 0 <= t_min <= t_max <= 1")
+
+
 def validate_model(m: ModelConfig) -> None:
+    _check_choices("model", m)
     _require(m.num_layers > 0, f"model.num_layers must be > 0, got {m.num_layers}")
     _require(0 <= m.first_k_dense <= m.num_layers,
              f"model.first_k_dense={m.first_k_dense} must lie in [0, model.num_layers={m.num_layers}]")
@@ -293,18 +394,9 @@ def validate_model(m: ModelConfig) -> None:
     shared = m.moe_shared_expert_intermediate_size
     _require(shared is None or shared > 0,
              f"model.moe_shared_expert_intermediate_size={shared} must be > 0, or null for no shared expert")
-    _require(m.vocab >= m.text_vocab,
-             f"model.vocab={m.vocab} is smaller than model.text_vocab={m.text_vocab}")
+    _require(m.text_vocab > 0 and m.num_image_codes >= 0,
+             f"model.text_vocab={m.text_vocab} must be > 0 and model.num_image_codes={m.num_image_codes} >= 0")
     _require(0.0 < m.rotary_percent <= 1.0, f"model.rotary_percent={m.rotary_percent} must be in (0, 1]")
-    _require(m.params_dtype in ("float32", "bfloat16"),
-             f"model.params_dtype={m.params_dtype!r} must be float32 or bfloat16")
-    _require(m.transformer_impl in ("auto", "transformer_engine", "local"),
-             f"model.transformer_impl={m.transformer_impl!r} must be auto, transformer_engine or local")
-    _require(m.fp8 in (None, "e4m3", "hybrid"), f"model.fp8={m.fp8!r} must be null, e4m3 or hybrid")
-    _require(m.fp8_recipe in ("delayed", "tensorwise", "blockwise"),
-             f"model.fp8_recipe={m.fp8_recipe!r} must be delayed, tensorwise or blockwise")
-    _require(m.moe_token_dispatcher_type in ("alltoall", "allgather"),
-             f"model.moe_token_dispatcher_type={m.moe_token_dispatcher_type!r} must be alltoall or allgather")
 
 
 def validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:
@@ -355,13 +447,10 @@ def validate(cfg: Config) -> None:
     _require(d.global_batch_size % d.micro_batch_size == 0,
              f"data.global_batch_size={d.global_batch_size} must be divisible by "
              f"data.micro_batch_size={d.micro_batch_size}")
-    s, df = cfg.schedule, cfg.diffusion
-    _require(0.0 <= df.t_min <= df.t_max <= 1.0,
-             f"diffusion.t_min={df.t_min} / diffusion.t_max={df.t_max} must satisfy 0 <= t_min <= t_max <= 1")
-    _require(df.weighting in ("mean", "elbo", "sqrt_masked"),
-             f"diffusion.weighting={df.weighting!r} must be mean, elbo or sqrt_masked")
-    _require(s.decay_style in ("constant", "linear", "cosine"),
-             f"schedule.decay_style={s.decay_style!r} must be constant, linear or cosine")
+    _require(d.block_size >= 1, f"data.block_size={d.block_size} must be >= 1")
+    validate_diffusion(cfg.diffusion)
+    _check_choices("schedule", cfg.schedule)
+    _check_choices("logging", cfg.logging)
 
 
 def validate_world_size(cfg: Config, world_size: int) -> None:

@@ -20,6 +20,7 @@ import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from megatron_uni.errors import MegatronUniError
+from megatron_uni.rounding import round_up
 
 NUM_IMAGE_CODES = 16384
 VOCAB_DIVISOR = 128  # Megatron's --make-vocab-size-divisible-by used by Ling / LLaDA2
@@ -50,8 +51,55 @@ class VocabularyError(MegatronUniError, ValueError):
 
 def pad_vocab_size(size: int, tensor_parallel: int = 1, divisor: int = VOCAB_DIVISOR) -> int:
     """Smallest multiple of ``divisor * tensor_parallel`` that holds ``size`` rows."""
-    multiple = divisor * tensor_parallel
-    return -(-size // multiple) * multiple
+    return round_up(size, divisor * tensor_parallel)
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabularyLayout:
+    """The vocabulary facts that travel with checkpoints and datasets (no tokenizer).
+
+    ``padded_size`` is the model's vocabulary rows (``ModelConfig.vocab``): ``size`` padded by
+    :func:`pad_vocab_size`. ``special_ids`` / ``special_strings`` are empty when unknown (an HF
+    import without a tokenizer).
+    """
+
+    text_size: int
+    num_image_codes: int
+    padded_size: int
+    special_ids: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    special_strings: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of_sizes(cls, text_size: int, num_image_codes: int, **specials: Any) -> "VocabularyLayout":
+        """The layout of ``text_size`` text rows and ``num_image_codes`` codes, padded by the rule."""
+        return cls(text_size, num_image_codes, pad_vocab_size(text_size + num_image_codes), **specials)
+
+    @property
+    def image_offset(self) -> int:
+        return self.text_size
+
+    @property
+    def size(self) -> int:
+        """Unpadded model vocabulary: text + image codes."""
+        return self.text_size + self.num_image_codes
+
+    @property
+    def mask_id(self) -> int:
+        return self.special_ids["mask"]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON form; ``image_offset`` and ``size`` are written for readers of the file."""
+        return {"text_size": self.text_size, "image_offset": self.image_offset,
+                "num_image_codes": self.num_image_codes, "size": self.size, "padded_size": self.padded_size,
+                "special_ids": dict(self.special_ids), "special_strings": dict(self.special_strings)}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "VocabularyLayout":
+        """Inverse of :meth:`to_dict`; files written before ``padded_size`` existed get the rule's."""
+        text_size, codes = int(raw["text_size"]), int(raw["num_image_codes"])
+        padded = int(raw.get("padded_size") or pad_vocab_size(text_size + codes))
+        return cls(text_size, codes, padded, dict(raw.get("special_ids") or {}),
+                   dict(raw.get("special_strings") or {}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,16 +247,10 @@ class Vocabulary:
             return None
         return end
 
-    # ---- description stored with checkpoints -------------------------------------------------
-    def describe(self) -> dict:
-        return {
-            "text_size": self.text_size,
-            "image_offset": self.image_offset,
-            "num_image_codes": self.num_image_codes,
-            "size": self.size,
-            "special_ids": dict(self.special_ids),
-            "special_strings": dict(self.special_strings),
-        }
+    # ---- the layout stored with checkpoints and datasets -----------------------------------------
+    def layout(self) -> VocabularyLayout:
+        return VocabularyLayout(self.text_size, self.num_image_codes, self.padded_size(),
+                                dict(self.special_ids), dict(self.special_strings))
 
     # ---- constructors ------------------------------------------------------------------------
     @classmethod

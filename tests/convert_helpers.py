@@ -15,8 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 best experts of a group in megatron (topk / group_topk) exactly as in HF LLaDA2 (top-2).
 # Text 1024 (the demo tokenizer) + 200 image codes = 1224, padded to 1280: 56 padding rows.
 TINY_OVERRIDES = ["model.num_experts=16", "model.moe_router_topk=4", "model.moe_router_num_groups=4",
-                  "model.moe_router_group_topk=2", "model.text_vocab=1024", "model.num_image_codes=200",
-                  "model.vocab=1280"]
+                  "model.moe_router_group_topk=2", "model.text_vocab=1024", "model.num_image_codes=200"]
 
 
 def tiny_config():

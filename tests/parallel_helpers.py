@@ -140,7 +140,7 @@ def _save_reference_weights(out_dir: str, layout: Layout) -> None:
 
     cfg = _config(layout)
     chunks = _build_chunks(cfg)
-    save_checkpoint(checkpoint_dir(out_dir, layout.variant), 1, chunks, cfg.model, tiny_vocab().describe(),
+    save_checkpoint(checkpoint_dir(out_dir, layout.variant), 1, chunks, cfg.model, tiny_vocab().layout(),
                     cfg.parallel)
 
 
@@ -208,14 +208,15 @@ def local_microbatch_indices(dp_rank: int, dp_size: int) -> List[int]:
 
 def microbatch(index: int, weighting: str):
     """Micro-batch ``index`` of the fixed global batch: identical in every process."""
-    from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs
+    from megatron_uni.config import DiffusionConfig
+    from megatron_uni.diffusion.inputs import build_inputs
     from diffusion_helpers import random_batch, tiny_vocab
 
     vocab = tiny_vocab()
     batch = random_batch(torch.Generator().manual_seed(1000 + index), MICRO_BATCH_SIZE, SEQ_LENGTH,
                          BLOCK_SIZE, vocab)
-    return build_inputs(batch, vocab, DiffusionConfig(block_size=BLOCK_SIZE, weighting=weighting),
-                        torch.Generator().manual_seed(2000 + index))
+    return build_inputs(batch, vocab, DiffusionConfig(weighting=weighting), torch.Generator().manual_seed(2000 + index),
+                        block_size=BLOCK_SIZE)
 
 
 def _iterators(chunks, items) -> list:
@@ -262,22 +263,14 @@ def forward_logits(chunks, indices: Sequence[int], inputs) -> Dict[int, torch.Te
 
 def train_pass(chunks, inputs, weighting: str) -> float:
     """Forward-backward with the training step; returns the global loss (same on every rank)."""
-    from megatron.core import parallel_state
-
-    from megatron_uni.diffusion.losses import LossSums, combine
+    from megatron_uni.training.loop import step_losses
     from megatron_uni.training.step import make_forward_step
 
     for chunk in chunks:
         chunk.zero_grad_buffer()
     reports = _schedule(chunks, make_forward_step(weighting), _iterators(chunks, inputs), len(inputs),
                         forward_only=False)
-    total = torch.zeros(len(dataclasses.fields(LossSums)))
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
-            parallel_state.get_tensor_model_parallel_rank() == 0:
-        for report in reports:
-            total += report["diffusion"].float()
-    torch.distributed.all_reduce(total)  # one contribution per DP replica
-    return float(combine(LossSums.from_stacked(total))["loss"])
+    return step_losses(reports).loss
 
 
 # ----------------------------------------------------------------------------------------------

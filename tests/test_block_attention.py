@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from megatron_uni.config import load_config
-from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs
+from megatron_uni.config import DiffusionConfig
+from megatron_uni.diffusion.inputs import build_inputs
 from megatron_uni.diffusion.losses import combine, loss_sums
-from megatron_uni.diffusion.noising import NoiseConfig
 from megatron_uni.model import block_attention
 from megatron_uni.model.block_attention import BlockDiffusionAttention, block_attention_spec
 from megatron_uni.model.builder import build_model
@@ -30,8 +30,9 @@ def models(single_process):
 def make_inputs(seed=0, prefix_aware=False, length=64, prompt_blocks=1):
     vocab = tiny_vocab()
     batch = random_batch(torch.Generator().manual_seed(seed), 2, length, BLOCK, vocab, prompt_blocks=prompt_blocks)
-    cfg = DiffusionConfig(block_size=BLOCK, noise=NoiseConfig(0.3, 0.8), prefix_aware=prefix_aware, pad_multiple=16)
-    return build_inputs(batch, vocab, cfg, torch.Generator().manual_seed(seed + 100)), vocab
+    cfg = DiffusionConfig(t_min=0.3, t_max=0.8, prefix_aware=prefix_aware)
+    return build_inputs(batch, vocab, cfg, torch.Generator().manual_seed(seed + 100), block_size=BLOCK,
+                        pad_multiple=16), vocab
 
 
 def test_layout_descriptor_matches_megatron_attention_with_dense_mask(models, monkeypatch):
@@ -97,7 +98,7 @@ def test_no_leak_into_a_noisy_block(models):
 def _loss_and_grads(model, inputs):
     model.zero_grad(set_to_none=True)
     ce = model(inputs.input_ids, inputs.position_ids, inputs.attention_mask, labels=inputs.model_labels)
-    loss = combine(loss_sums(ce, inputs))["loss"]
+    loss = combine(loss_sums(ce, inputs)).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
@@ -166,7 +167,7 @@ def test_ce_and_confidence_from_logits_match_the_model_loss(models):
         want = ours(inputs.input_ids, inputs.position_ids, inputs.attention_mask, labels=inputs.model_labels)
     torch.testing.assert_close(ce, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(entropy, confidence_entropy(logits, inputs.labels)[0])
-    total = combine(loss_sums(ce, inputs, (entropy, counted)), confidence_beta=2.0)["loss"]
+    total = combine(loss_sums(ce, inputs, (entropy, counted)), confidence_beta=2.0).loss
     total.backward()  # CE's in-place max subtraction must not break the CAP graph
     assert ours.output_layer.weight.grad is not None
     ours.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """Config system: include/inheritance (and cycles), dotted overrides, and one-line errors naming the
 key for unknown sections/keys, wrong types and impossible parallel layouts; fp8 without TE."""
 
+import dataclasses
 import os
 
 import pytest
@@ -31,7 +32,8 @@ def _error(path=TINY, overrides=()):
 # include / inheritance
 # ---------------------------------------------------------------------------------------------
 def test_include_merges_sections_and_the_including_file_wins(tmp_path):
-    _write(tmp_path / "base" / "model.yaml", "model:\n  num_layers: 8\n  hidden_size: 128\noptimizer:\n  lr: 0.5\n")
+    _write(tmp_path / "base" / "model.yaml",
+           f"include: {TINY}\nmodel:\n  num_layers: 8\n  hidden_size: 128\noptimizer:\n  lr: 0.5\n")
     _write(tmp_path / "base" / "train.yaml", "optimizer:\n  lr: 0.25\n  clip_grad: 2.0\n")
     child = _write(tmp_path / "child.yaml",
                    "include: [base/model.yaml, base/train.yaml]\nmodel:\n  hidden_size: 256\n")
@@ -44,7 +46,7 @@ def test_include_merges_sections_and_the_including_file_wins(tmp_path):
 
 
 def test_include_chain_resolves_paths_relative_to_each_file(tmp_path):
-    _write(tmp_path / "a" / "b" / "root.yaml", "schedule:\n  train_iters: 77\n")
+    _write(tmp_path / "a" / "b" / "root.yaml", f"include: {TINY}\nschedule:\n  train_iters: 77\n")
     _write(tmp_path / "a" / "mid.yaml", "include: b/root.yaml\nschedule:\n  warmup_iters: 7\n")
     top = _write(tmp_path / "top.yaml", "include: a/mid.yaml\nlogging:\n  log_interval: 5\n")
     cfg = load_config(top)
@@ -86,7 +88,51 @@ def test_dotted_overrides_are_typed_and_applied_last(tmp_path):
 
 def test_override_beats_the_recipe_value():
     assert load_config(TINY).model.vocab == 1280
-    assert load_config(TINY, ["model.vocab=1536"]).model.vocab == 1536
+    assert load_config(TINY, ["model.num_image_codes=512"]).model.vocab == 1536
+
+
+def test_model_vocab_is_text_plus_image_codes_padded_to_128():
+    assert load_config(TINY, ["model.text_vocab=1000", "model.num_image_codes=200"]).model.vocab == 1280
+    assert load_config(BIG).model.vocab == 173568
+    assert load_config(BIG, ["model.num_image_codes=0"]).model.vocab == 157184
+    assert "model.vocab is derived, not set: " in _error(TINY, ["model.vocab=1536"])
+
+
+def test_a_recipe_without_a_model_size_names_the_missing_keys(tmp_path):
+    recipe = _write(tmp_path / "r.yaml", "model:\n  num_layers: 2\noptimizer:\n  lr: 0.1\n")
+    message = _error(recipe)
+    assert message.startswith("model:") and "model.hidden_size" in message and "model.num_layers" not in message
+    assert "recipes/model/tiny.yaml" in message
+    assert "model.num_experts" in _error(None, ["optimizer.lr=0.1"])
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("model.params_dtype=float16", "float32, bfloat16"),
+    ("model.transformer_impl=te", "auto, transformer_engine, local"),
+    ("model.fp8=e5m2", "e4m3, hybrid or null"),
+    ("model.recompute_granularity=some", "full, selective or null"),
+    ("model.moe_token_dispatcher_type=flex", "alltoall, allgather"),
+    ("schedule.decay_style=wsd", "constant, linear, cosine"),
+    ("diffusion.weighting=sum", "mean, elbo, sqrt_masked"),
+    ("logging.level=LOUD", "DEBUG, INFO"),
+])
+def test_a_value_outside_its_choices_names_the_key_and_the_allowed_values(override, allowed):
+    key, value = override.split("=")
+    message = _error(TINY, [override])
+    assert message.startswith(f"{key}={value!r}") and allowed in message, message
+
+
+def test_sections_built_in_code_are_checked_by_the_same_rules():
+    from megatron_uni.config import DiffusionConfig, validate
+
+    with pytest.raises(ConfigError, match=r"diffusion.weighting='sum' is not allowed: one of mean, elbo, sqrt_masked"):
+        DiffusionConfig(weighting="sum")
+    with pytest.raises(ConfigError, match="diffusion.t_min=0.9 / diffusion.t_max=0.5"):
+        DiffusionConfig(t_min=0.9, t_max=0.5)
+    cfg = load_config(TINY)
+    cfg.model.params_dtype = "float16"
+    with pytest.raises(ConfigError, match="model.params_dtype='float16'"):
+        validate(cfg)
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -204,3 +250,26 @@ def test_fp8_without_transformer_engine_fails_at_model_build():
 def test_fp8_bad_values_are_rejected_when_loading():
     assert "model.fp8='e5m2'" in _error(TINY, ["model.fp8=e5m2"])
     assert "model.fp8_recipe='mxfp8'" in _error(TINY, ["model.fp8_recipe=mxfp8"])
+
+
+def test_parallel_megatron_kwargs_are_accepted_by_both_megatron_consumers():
+    import inspect
+
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = load_config(TINY, ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                                "parallel.expert_tensor=2"]).parallel.megatron_kwargs()
+    assert kwargs["tensor_model_parallel_size"] == 2 and kwargs["expert_tensor_parallel_size"] == 2
+    initialize = inspect.signature(parallel_state.initialize_model_parallel).parameters
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    assert set(kwargs) <= set(initialize) and set(kwargs) <= fields
+
+
+def test_a_resolved_config_written_as_yaml_loads_back_unchanged(tmp_path):
+    import yaml
+
+    cfg = load_config(BIG, ["parallel.tensor=2", "parallel.expert_tensor=2", "parallel.sequence_parallel=true",
+                            "diffusion.weighting=elbo"])
+    recipe = _write(tmp_path / "resolved.yaml", yaml.safe_dump(cfg.to_dict()))
+    assert load_config(recipe) == cfg

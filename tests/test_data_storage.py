@@ -124,7 +124,8 @@ def test_open_training_data_from_recipe_sections(demo):
     from megatron_uni.config import load_config
     from megatron_uni.data.loader import open_training_data
     root = demo.root
-    cfg = load_config(None, [f"data.path={demo.dataset}", f"data.tokenizer={root / 'tokenizer'}",
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "model", "tiny.yaml")
+    cfg = load_config(tiny, [f"data.path={demo.dataset}", f"data.tokenizer={root / 'tokenizer'}",
                              "data.seq_length=128", "data.block_size=16", "model.text_vocab=1024",
                              "model.num_image_codes=256"])
     batch = next(open_training_data(cfg.data, cfg.model))

@@ -7,9 +7,9 @@ import torch
 
 from megatron_uni.attention.layout import AttentionLayout
 from megatron_uni.attention.masks import BlockMaskCache, block_mask, dense_mask, pair_allowed
-from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs
+from megatron_uni.config import DiffusionConfig
+from megatron_uni.diffusion.inputs import build_inputs
 from megatron_uni.diffusion.layout import full_layout
-from megatron_uni.diffusion.noising import NoiseConfig
 from diffusion_helpers import random_batch, tiny_vocab
 
 
@@ -29,8 +29,8 @@ def random_layouts(count: int):
         length = block * int(torch.randint(1, 9, (1,), generator=gen))
         batch = random_batch(gen, 2, length, block, vocab)
         prefix = i % 2 == 1
-        inputs = build_inputs(batch, vocab, DiffusionConfig(block_size=block, prefix_aware=prefix, pad_multiple=8,
-                                                            noise=NoiseConfig(0.2, 0.9)), gen)
+        inputs = build_inputs(batch, vocab, DiffusionConfig(t_min=0.2, t_max=0.9, prefix_aware=prefix), gen,
+                              block_size=block, pad_multiple=8)
         yield inputs.layout
 
 

@@ -3,8 +3,9 @@
 import torch
 
 from megatron_uni.data.batch import IGNORE_INDEX
-from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs, per_document_sum
-from megatron_uni.diffusion.noising import NoiseConfig, noise_batch, sample_ratio
+from megatron_uni.config import DiffusionConfig
+from megatron_uni.diffusion.inputs import build_inputs, per_document_sum
+from megatron_uni.diffusion.noising import noise_batch, sample_ratio
 from diffusion_helpers import random_batch, tiny_vocab
 
 
@@ -12,7 +13,7 @@ def test_only_maskable_positions_are_masked_with_the_vocab_mask_id():
     gen = torch.Generator().manual_seed(0)
     vocab = tiny_vocab()
     batch = random_batch(gen, 4, 64, 8, vocab)
-    noised = noise_batch(batch, vocab, NoiseConfig(0.5, 1.0), 8, gen)
+    noised = noise_batch(batch, vocab, DiffusionConfig(t_min=0.5, t_max=1.0), 8, gen)
     assert noised.masked.any()
     assert not (noised.masked & ~batch.maskable).any()
     assert (noised.noisy_tokens[noised.masked] == vocab.mask_id).all()
@@ -23,7 +24,7 @@ def test_complementary_pairs_supervise_every_maskable_token_exactly_once():
     gen = torch.Generator().manual_seed(1)
     vocab = tiny_vocab()
     batch = random_batch(gen, 3, 64, 8, vocab)
-    noised = noise_batch(batch, vocab, NoiseConfig(0.3, 0.8, complementary=True), 8, gen)
+    noised = noise_batch(batch, vocab, DiffusionConfig(t_min=0.3, t_max=0.8, complementary=True), 8, gen)
     assert noised.masked.shape[0] == 6
     first, second = noised.masked[0::2], noised.masked[1::2]
     assert torch.equal(noised.batch.tokens[0::2], batch.tokens)
@@ -34,7 +35,7 @@ def test_complementary_pairs_supervise_every_maskable_token_exactly_once():
 
 def test_ratio_range_per_block_and_antithetic_strata():
     gen = torch.Generator().manual_seed(2)
-    cfg = NoiseConfig(0.2, 0.6, per_block=True, antithetic=True)
+    cfg = DiffusionConfig(t_min=0.2, t_max=0.6, per_block=True, antithetic=True)
     t = sample_ratio(8, 20, 4, cfg, gen)
     assert t.min() >= 0.2 and t.max() <= 0.6
     per_block = t[:, ::4]                    # 8 samples x 5 blocks = 40 draws
@@ -47,7 +48,7 @@ def test_full_layout_inputs():
     gen = torch.Generator().manual_seed(3)
     vocab = tiny_vocab()
     batch = random_batch(gen, 2, 32, 4, vocab)
-    inputs = build_inputs(batch, vocab, DiffusionConfig(block_size=4, noise=NoiseConfig(0.5, 0.9)), gen)
+    inputs = build_inputs(batch, vocab, DiffusionConfig(t_min=0.5, t_max=0.9), gen, block_size=4)
     L = 32
     assert inputs.input_ids.shape == (2, 2 * L)
     assert torch.equal(inputs.input_ids[:, L:], batch.tokens)
@@ -64,11 +65,10 @@ def test_weightings():
     gen = torch.Generator().manual_seed(4)
     vocab = tiny_vocab()
     batch = random_batch(gen, 2, 64, 8, vocab)
-    noise = NoiseConfig(0.4, 0.4)
-    sqrt = build_inputs(batch, vocab, DiffusionConfig(block_size=8, noise=noise, weighting="sqrt_masked"),
-                        torch.Generator().manual_seed(9))
-    elbo = build_inputs(batch, vocab, DiffusionConfig(block_size=8, noise=noise, weighting="elbo"),
-                        torch.Generator().manual_seed(9))
+    sqrt = build_inputs(batch, vocab, DiffusionConfig(t_min=0.4, t_max=0.4, weighting="sqrt_masked"),
+                        torch.Generator().manual_seed(9), block_size=8)
+    elbo = build_inputs(batch, vocab, DiffusionConfig(t_min=0.4, t_max=0.4, weighting="elbo"),
+                        torch.Generator().manual_seed(9), block_size=8)
     masked = sqrt.labels[:, :64] != IGNORE_INDEX
     n_doc = per_document_sum(masked.float(), batch.doc_ids)
     torch.testing.assert_close(sqrt.loss_weights[:, :64][masked], n_doc[masked].rsqrt())
@@ -84,10 +84,10 @@ def test_prefix_aware_inputs_are_shorter_and_keep_every_label():
     gen = torch.Generator().manual_seed(5)
     vocab = tiny_vocab()
     batch = random_batch(gen, 3, 128, 8, vocab, prompt_blocks=6)
-    cfg = DiffusionConfig(block_size=8, noise=NoiseConfig(0.3, 0.8), pad_multiple=16)
-    full = build_inputs(batch, vocab, cfg, torch.Generator().manual_seed(1))
-    compact = build_inputs(batch, vocab, DiffusionConfig(block_size=8, noise=cfg.noise, prefix_aware=True,
-                                                         pad_multiple=16), torch.Generator().manual_seed(1))
+    cfg = DiffusionConfig(t_min=0.3, t_max=0.8)
+    full = build_inputs(batch, vocab, cfg, torch.Generator().manual_seed(1), block_size=8, pad_multiple=16)
+    compact = build_inputs(batch, vocab, DiffusionConfig(t_min=0.3, t_max=0.8, prefix_aware=True),
+                           torch.Generator().manual_seed(1), block_size=8, pad_multiple=16)
     assert compact.input_ids.shape[1] < full.input_ids.shape[1] and compact.input_ids.shape[1] % 16 == 0
     for row in range(3):
         assert sorted(compact.labels[row][compact.labels[row] != IGNORE_INDEX].tolist()) == \
@@ -101,7 +101,7 @@ def test_attention_mask_descriptor_is_one_tensor_per_micro_batch():
 
     gen = torch.Generator().manual_seed(6)
     vocab = tiny_vocab()
-    inputs = build_inputs(random_batch(gen, 2, 32, 4, vocab), vocab, DiffusionConfig(block_size=4), gen)
+    inputs = build_inputs(random_batch(gen, 2, 32, 4, vocab), vocab, DiffusionConfig(), gen, block_size=4)
     descriptor = inputs.attention_mask
     assert inputs.attention_mask is descriptor and descriptor.dtype == torch.int32
     back = AttentionLayout.from_descriptor(descriptor)
@@ -116,4 +116,4 @@ def test_documents_off_block_boundaries_are_refused():
     batch.doc_ids[0, :6] = 0
     batch.doc_ids[0, 6:] = 1     # document 1 starts at position 6, block size 4
     with pytest.raises(ValueError, match="document 1 of row 0 starts at position 6"):
-        build_inputs(batch, vocab, DiffusionConfig(block_size=4))
+        build_inputs(batch, vocab, DiffusionConfig(), block_size=4)

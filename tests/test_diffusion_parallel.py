@@ -2,7 +2,7 @@
 
 import json
 import os
-from functools import partial
+from functools import partial, reduce
 
 import torch
 import torch.multiprocessing as mp
@@ -11,10 +11,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_uni.attention.layout import AttentionLayout
 from megatron_uni.checkpoint import load_checkpoint, save_checkpoint
-from megatron_uni.config import ParallelConfig, load_config
-from megatron_uni.diffusion.inputs import DiffusionConfig, DiffusionInputs, build_inputs
-from megatron_uni.diffusion.losses import (LossSums, add_sums, all_reduce_sums, combine, confidence_entropy,
-                                           loss_sums, schedule_loss)
+from megatron_uni.config import DiffusionConfig, ParallelConfig, load_config
+from megatron_uni.diffusion.inputs import DiffusionInputs, build_inputs
+from megatron_uni.diffusion.losses import add_sums, combine, confidence_entropy, loss_sums, reduce_sums, schedule_loss
 from megatron_uni.model.block_attention import block_attention_spec
 from megatron_uni.model.builder import build_model
 from megatron_uni.platform.distributed import destroy, file_rendezvous, init_distributed, init_model_parallel
@@ -30,8 +29,8 @@ def _batch_inputs():
     """Four samples, sqrt_masked weighting (its normaliser is not a token count: the hard case)."""
     vocab = tiny_vocab()
     batch = random_batch(torch.Generator().manual_seed(0), SAMPLES, 64, 8, vocab)
-    inputs = build_inputs(batch, vocab, DiffusionConfig(block_size=8, weighting="sqrt_masked"),
-                          torch.Generator().manual_seed(1))
+    inputs = build_inputs(batch, vocab, DiffusionConfig(weighting="sqrt_masked"), torch.Generator().manual_seed(1),
+                          block_size=8)
     return inputs, vocab
 
 
@@ -61,7 +60,7 @@ def _per_token_ce(model, x: DiffusionInputs) -> torch.Tensor:
 def _reference(model, inputs):
     """The full batch on one rank's full model: the loss and the CAP entropies to compare with."""
     with torch.no_grad():
-        loss = combine(loss_sums(_per_token_ce(model, inputs), inputs))["loss"].item()
+        loss = combine(loss_sums(_per_token_ce(model, inputs), inputs)).loss.item()
         logits = model(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
         cap = confidence_entropy(logits, inputs.labels)[0]
     return {"reference": loss}, cap
@@ -75,13 +74,13 @@ def _data_parallel(model, inputs, rank: int):
             part = _sample(inputs, index)
             sums = loss_sums(_per_token_ce(model, part), part)
             local = sums if local is None else add_sums(local, sums)
-    return {"dp2": combine(all_reduce_sums(local, parallel_state.get_data_parallel_group()))["loss"].item()}
+    return {"dp2": combine(reduce_sums([local], parallel_state.get_data_parallel_group())).loss.item()}
 
 
 def _tensor_parallel(model, inputs, cap_reference):
     """TP2 + sequence parallel: heads and vocabulary split; vocab-parallel CE; CAP over vocab shards."""
     with torch.no_grad():
-        loss = combine(loss_sums(_per_token_ce(model, inputs), inputs))["loss"].item()
+        loss = combine(loss_sums(_per_token_ce(model, inputs), inputs)).loss.item()
         shard = model(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
         start = parallel_state.get_tensor_model_parallel_rank() * shard.shape[-1]
         cap = confidence_entropy(shard, inputs.labels, start, parallel_state.get_tensor_model_parallel_group())[0]
@@ -104,8 +103,8 @@ def _pipeline_parallel(model, inputs):
         forward_only=True)
     if not parallel_state.is_pipeline_last_stage():
         return {}
-    total = LossSums.from_stacked(sum(s["diffusion"] for s in stats))
-    return {"pp2": combine(total)["loss"].item(), "pp2_stage_count": len(stats)}
+    total = reduce(add_sums, [s["diffusion"] for s in stats])
+    return {"pp2": combine(total).loss.item(), "pp2_stage_count": len(stats)}
 
 
 def _worker(rank: int, init_method: str, out_dir: str) -> None:
@@ -117,7 +116,7 @@ def _worker(rank: int, init_method: str, out_dir: str) -> None:
     # weights shared through a checkpoint written from the reference model
     checkpoint = os.path.join(out_dir, "ckpt")
     model = _model(cfg, ParallelConfig())
-    save_checkpoint(checkpoint, 1, [model], cfg, vocab.describe(), ParallelConfig())
+    save_checkpoint(checkpoint, 1, [model], cfg, vocab.layout(), ParallelConfig())
     load_checkpoint(checkpoint, [model])
     results, cap_reference = _reference(model, inputs)
     results.update(_data_parallel(model, inputs, rank))

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from megatron_uni.diffusion.inputs import DiffusionConfig
+from megatron_uni.config import DiffusionConfig
 from megatron_uni.diffusion.savings import SHAPES, SampleShape, measure, shaped_sample
 from megatron_uni.tokens import Vocabulary
 
@@ -21,13 +21,13 @@ def test_shaped_sample_has_a_clean_prefix_then_a_maskable_target():
 
 
 def test_saving_is_between_nothing_and_half():
-    cfg = DiffusionConfig(block_size=32)
-    understanding = measure(SHAPES["understanding"], 5, cfg, VOCAB)
-    sft = measure(SHAPES["sft"], 5, cfg, VOCAB)
+    cfg = DiffusionConfig()
+    understanding = measure(SHAPES["understanding"], 5, cfg, 32, VOCAB)
+    sft = measure(SHAPES["sft"], 5, cfg, 32, VOCAB)
     assert 0.3 < understanding["saving"] < 0.5    # the image prefix is most of the sample
     assert 0.0 < sft["saving"] < understanding["saving"]
     # a target-only sample saves only the last block's clean copy
-    target_only = measure(SampleShape("t", (0, 0), (0, 0), (320, 320)), 2, cfg, VOCAB)
+    target_only = measure(SampleShape("t", (0, 0), (0, 0), (320, 320)), 2, cfg, 32, VOCAB)
     assert abs(target_only["saving"] - 32 / 640) < 1e-9
 
 

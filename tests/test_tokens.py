@@ -3,7 +3,7 @@ import json
 import pytest
 
 from megatron_uni.data.demo import build_demo_tokenizer
-from megatron_uni.tokens import SPECIAL_TOKEN_STRINGS, Vocabulary, VocabularyError
+from megatron_uni.tokens import SPECIAL_TOKEN_STRINGS, Vocabulary, VocabularyError, VocabularyLayout
 
 TEXTS = ["a red circle on a gray background", "two blue squares", "hello world, the shapes are small"] * 4
 
@@ -75,3 +75,22 @@ def test_text_size_must_hold_tokenizer(tokenizer_dir):
 def test_missing_tokenizer_file_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         Vocabulary.from_tokenizer_dir(str(tmp_path))
+
+
+def test_layout_is_what_travels_and_reads_back():
+    vocab = Vocabulary.synthetic(text_size=1000, num_image_codes=200)
+    layout = vocab.layout()
+    assert (layout.image_offset, layout.size, layout.padded_size) == (1000, 1200, 1280)
+    assert layout.mask_id == vocab.mask_id and layout.special_ids == dict(vocab.special_ids)
+    assert VocabularyLayout.from_dict(json.loads(json.dumps(layout.to_dict()))) == layout
+    # a description written before padded_size existed gets the padding rule's value
+    old = {k: v for k, v in layout.to_dict().items() if k != "padded_size"}
+    assert VocabularyLayout.from_dict(old) == layout
+    assert VocabularyLayout.of_sizes(157184, 16384).padded_size == 173568
+
+
+def test_round_up():
+    from megatron_uni.rounding import ceil_div, round_up
+
+    assert [round_up(n, 32) for n in (0, 1, 32, 33)] == [0, 32, 32, 64]
+    assert [ceil_div(n, 4) for n in (0, 1, 4, 5)] == [0, 1, 1, 2]

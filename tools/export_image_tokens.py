@@ -12,12 +12,15 @@ token_ids, h, w, model_path). See docs/conversion.md for the full format.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from megatron_uni.config import ModelConfig
+from megatron_uni.config import load_config
 from megatron_uni.errors import one_line_errors
 
-DEFAULTS = ModelConfig()
+# the released model's vocabulary sizes
+DEFAULTS = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "recipes", "model", "llada2_uni_16b.yaml")).model
 
 
 def parse_args(argv=None):

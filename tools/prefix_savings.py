@@ -10,8 +10,7 @@ import argparse
 
 from tqdm import tqdm
 
-from megatron_uni.diffusion.inputs import DiffusionConfig
-from megatron_uni.diffusion.noising import NoiseConfig
+from megatron_uni.config import DiffusionConfig
 from megatron_uni.diffusion.savings import SHAPES, measure
 from megatron_uni.tokens import Vocabulary
 
@@ -31,11 +30,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     vocab = Vocabulary.synthetic(text_size=157184, num_image_codes=16384)
-    cfg = DiffusionConfig(block_size=args.block_size, noise=NoiseConfig(args.t_min, args.t_max))
+    cfg = DiffusionConfig(t_min=args.t_min, t_max=args.t_max)
     print(f"{'format':<14} {'samples':>8} {'full 2L tokens':>15} {'prefix-aware':>13} {'saving':>7}")
     for name in tqdm(args.formats, desc="formats", disable=len(args.formats) < 2):
         shape = SHAPES[name]
-        result = measure(shape, args.samples, cfg, vocab, args.seed)
+        result = measure(shape, args.samples, cfg, args.block_size, vocab, args.seed)
         tqdm.write(f"{name:<14} {result['samples']:>8} {result['full_tokens']:>15} "
               f"{result['prefix_aware_tokens']:>13} {result['saving']:>7.1%}")
         tqdm.write(f"  shape: prompt text {shape.prompt_text}, prompt image codes {shape.prompt_image}, "

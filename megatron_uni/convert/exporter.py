@@ -60,14 +60,6 @@ class ExportPlan:
         return lines
 
 
-def model_config_from_metadata(metadata: dict):
-    from megatron_uni.config import ModelConfig
-
-    saved = metadata.get("model_config") or {}
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
-
-
 def check_checkpoint_tensors(tensors_meta: Dict[str, object], model_cfg, where: str) -> Dict[str, object]:
     """Canonicalise the checkpoint's keys and refuse missing / extra / wrongly shaped tensors."""
     found = {mapping.canonical_key(key, model_cfg)[0]: meta for key, meta in tensors_meta.items()}
@@ -78,8 +70,8 @@ def check_checkpoint_tensors(tensors_meta: Dict[str, object], model_cfg, where: 
     return {k: found[k] for k in expected}
 
 
-def _special_ids(metadata: dict, tokenizer_dir: Optional[str], model_cfg) -> Dict[str, int]:
-    special = dict((metadata.get("vocabulary") or {}).get("special_ids") or {})
+def _special_ids(metadata, tokenizer_dir: Optional[str], model_cfg) -> Dict[str, int]:
+    special = dict(metadata.vocabulary.special_ids) if metadata.vocabulary else {}
     if not special and tokenizer_dir:
         from megatron_uni.tokens import Vocabulary
 
@@ -126,7 +118,7 @@ def plan_export(checkpoint: str, tokenizer_dir: Optional[str] = None, base_dir: 
     ensure_process_group()
     iter_dir = resolve_iteration_dir(checkpoint)
     metadata = read_metadata(iter_dir)
-    model_cfg = model_config_from_metadata(metadata)
+    model_cfg = metadata.model_config
     model_dir = os.path.join(iter_dir, MODEL_DIR)
     keys = check_checkpoint_tensors(dist_checkpointing.load_tensors_metadata(model_dir), model_cfg, model_dir)
     shards = plan_shards(_hf_sizes(model_cfg, dtype), max_shard_bytes)

@@ -127,11 +127,9 @@ def _fill(target: Target, loaded: Dict[str, torch.Tensor], model_cfg, seed: int,
         target.view.copy_(piece.to(target.view.dtype))
 
 
-def vocabulary_description(model_cfg, vocabulary=None) -> dict:
-    if vocabulary is not None:
-        return vocabulary.describe()
-    return {"text_size": model_cfg.text_vocab, "image_offset": model_cfg.text_vocab,
-            "num_image_codes": model_cfg.num_image_codes, "size": model_cfg.text_vocab + model_cfg.num_image_codes}
+def vocabulary_layout(model_cfg, vocabulary=None):
+    """The tokenizer's layout when given, else the one the model sizes imply (no special ids)."""
+    return vocabulary.layout() if vocabulary is not None else model_cfg.vocabulary_layout
 
 
 def import_hf(hf_dir: str, model_cfg, parallel, out_root: str, seed: int = 1234,
@@ -150,9 +148,9 @@ def import_hf(hf_dir: str, model_cfg, parallel, out_root: str, seed: int = 1234,
     std = model_cfg.init_method_std if image_init_std is None else image_init_std
     chunks = build_model_chunks(model_cfg, parallel)
     fill_from_hf(local_targets(chunks, model_cfg, vocab_rows), hf, model_cfg, seed, std, progress)
-    extra = {"converted_from": {"hf_vocab_rows": vocab_rows, "image_init_std": std, "image_init_seed": seed}}
-    return save_checkpoint(out_root, iteration, chunks, model_cfg, vocabulary_description(model_cfg, vocabulary),
-                           parallel, extra_metadata=extra)
+    converted_from = {"hf_vocab_rows": vocab_rows, "image_init_std": std, "image_init_seed": seed}
+    return save_checkpoint(out_root, iteration, chunks, model_cfg, vocabulary_layout(model_cfg, vocabulary),
+                           parallel, converted_from=converted_from)
 
 
 def dry_run_report(hf_dir: str, model_cfg) -> List[str]:

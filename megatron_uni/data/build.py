@@ -157,7 +157,7 @@ def build_dataset(paths: Sequence[str], prefix: str, settings: BuildSettings, wo
         f.writelines(e + "\n" for e in report.errors)
     write_json(prefix + ".build.json", {"inputs": [os.path.basename(p) for p in paths], "written": report.written,
                                         "tokens": report.tokens, "bad": report.bad,
-                                        "settings": dataclasses.asdict(settings), "vocabulary": vocab.describe()},
+                                        "settings": dataclasses.asdict(settings), "vocabulary": vocab.layout().to_dict()},
                sort_keys=False)
     return report
 

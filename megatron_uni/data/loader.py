@@ -36,7 +36,7 @@ def check_built_vocabulary(prefix: str, vocab: Vocabulary) -> None:
         built = json.load(f).get("vocabulary")
     if built is None:
         return
-    mine = vocab.describe()
+    mine = vocab.layout().to_dict()
     for key in LAYOUT_KEYS:
         if built[key] != mine[key]:
             raise ValueError(f"dataset {prefix!r} was built with {key}={built[key]}, this run uses {mine[key]}: "

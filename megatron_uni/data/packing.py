@@ -19,6 +19,7 @@ import numpy as np
 
 from megatron_uni.data.batch import MODALITY_SPECIAL
 from megatron_uni.data.sequence import TokenizedSample
+from megatron_uni.rounding import round_up
 
 OVERLONG_POLICIES = ("truncate", "drop")
 
@@ -40,7 +41,7 @@ class PackingSettings:
             raise ValueError(f"overlong policy {self.overlong!r}; expected one of {OVERLONG_POLICIES}")
 
     def padded(self, length: int) -> int:
-        return -(-length // self.block_size) * self.block_size
+        return round_up(length, self.block_size)
 
 
 @dataclasses.dataclass(frozen=True)

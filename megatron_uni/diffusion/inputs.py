@@ -6,7 +6,8 @@ compaction, and returns :class:`DiffusionInputs`: ``input_ids``, ``position_ids`
 per-token ``loss_weights``, the per-micro-batch ``normalizer`` of the loss, ``modality`` for
 the text/image split, and the :class:`AttentionLayout` from which masks are built.
 
-Loss weighting (``weighting``), with N_d the masked and M_d the maskable tokens of document d:
+Settings: the recipe's ``diffusion:`` section (``config.DiffusionConfig``). Loss weighting
+(``weighting``, one of ``config.Weighting``), with N_d the masked and M_d the maskable tokens of document d:
 
 * ``mean``        -- weight 1, normaliser sum N_d (dFactory: mean over masked tokens);
 * ``elbo``        -- weight 1/t, normaliser sum M_d (the ELBO; E[sum 1/t] over masks = M_d);
@@ -26,29 +27,11 @@ import torch
 
 from megatron_uni.attention.layout import FILLER_DOC, AttentionLayout
 from megatron_uni.attention.masks import FLEX_TILE, dense_mask
+from megatron_uni.config import DiffusionConfig
 from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_SPECIAL, Batch
 from megatron_uni.diffusion.layout import check_block_aligned, compact_rows, full_layout, kept_positions
-from megatron_uni.diffusion.noising import NoiseConfig, noise_batch
+from megatron_uni.diffusion.noising import noise_batch
 from megatron_uni.tokens import Vocabulary
-
-WEIGHTINGS = ("mean", "elbo", "sqrt_masked")
-
-
-@dataclasses.dataclass(frozen=True)
-class DiffusionConfig:
-    block_size: int = 32
-    noise: NoiseConfig = NoiseConfig()
-    weighting: str = "mean"
-    prefix_aware: bool = False
-    # compacted rows are padded to a multiple of this (FlexAttention tiles are 128)
-    pad_multiple: int = FLEX_TILE
-
-    def __post_init__(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"DiffusionConfig.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if self.block_size < 1 or self.pad_multiple < 1:
-            raise ValueError(f"DiffusionConfig: block_size ({self.block_size}) and pad_multiple "
-                             f"({self.pad_multiple}) must be >= 1")
 
 
 @dataclasses.dataclass
@@ -82,12 +65,6 @@ class DiffusionInputs:
         """Labels with ignored positions set to 0: megatron's CE needs in-range ids; weights are 0 there."""
         return self.labels.clamp_min(0)
 
-    def step_inputs(self) -> dict:
-        """The dict a training ``forward_step`` reads (``attention_mask`` = layout descriptor)."""
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
-                "attention_mask": self.attention_mask, "labels": self.labels,
-                "loss_weights": self.loss_weights, "normalizer": self.normalizer}
-
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
@@ -116,13 +93,21 @@ def token_weights(weighting: str, masked: torch.Tensor, maskable: torch.Tensor, 
 
 
 def build_inputs(batch: Batch, vocab: Vocabulary, cfg: DiffusionConfig,
-                 generator: Optional[torch.Generator] = None) -> DiffusionInputs:
-    check_block_aligned(batch.doc_ids, cfg.block_size)
-    noised = noise_batch(batch, vocab, cfg.noise, cfg.block_size, generator)
+                 generator: Optional[torch.Generator] = None, *, block_size: int,
+                 pad_multiple: int = FLEX_TILE) -> DiffusionInputs:
+    """The BDLM inputs of ``batch`` (documents aligned to ``block_size``, ``data.block_size``).
+
+    With ``cfg.prefix_aware`` the compacted rows are padded to a multiple of ``pad_multiple``
+    (FlexAttention tiles are 128).
+    """
+    if block_size < 1 or pad_multiple < 1:
+        raise ValueError(f"build_inputs: block_size ({block_size}) and pad_multiple ({pad_multiple}) must be >= 1")
+    check_block_aligned(batch.doc_ids, block_size)
+    noised = noise_batch(batch, vocab, cfg, block_size, generator)
     clean = noised.batch
     weights, normalizer = token_weights(cfg.weighting, noised.masked, clean.maskable, noised.ratio, clean.doc_ids)
     labels = torch.where(noised.masked, clean.tokens, torch.full_like(clean.tokens, IGNORE_INDEX))
-    layout = full_layout(clean.doc_ids, cfg.block_size)
+    layout = full_layout(clean.doc_ids, block_size)
     rows = {
         "input_ids": (torch.cat([noised.noisy_tokens, clean.tokens], 1), vocab.pad_id),
         "position_ids": (torch.cat([clean.position_ids, clean.position_ids], 1), 0),
@@ -135,7 +120,7 @@ def build_inputs(batch: Batch, vocab: Vocabulary, cfg: DiffusionConfig,
     }
     if cfg.prefix_aware:
         keep = kept_positions(layout, rows["labels"][0] != IGNORE_INDEX)
-        compacted, _ = compact_rows(keep, *rows.values(), multiple=cfg.pad_multiple)
+        compacted, _ = compact_rows(keep, *rows.values(), multiple=pad_multiple)
         values = dict(zip(rows, compacted))
     else:
         values = {name: tensor for name, (tensor, _) in rows.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from megatron_uni.attention.layout import AttentionLayout
+from megatron_uni.rounding import round_up
 
 
 def block_index(seq_length: int, block_size: int, batch_size: int, device=None) -> torch.Tensor:
@@ -79,7 +80,7 @@ def compact_rows(keep: torch.Tensor, *tensors_and_fill, multiple: int = 1):
     """
     counts = keep.sum(1)
     width = int(counts.max().item()) if keep.numel() else 0
-    width = max(multiple, -(-width // multiple) * multiple)
+    width = max(multiple, round_up(width, multiple))
     # stable sort puts kept positions first, in their original order
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
     if order.shape[1] < width:  # fewer positions than the rounded width: extend with filler slots

@@ -3,10 +3,11 @@
 Megatron's ``GPTModel(..., labels=...)`` returns the vocab-parallel cross-entropy per token
 ``[b, S]`` (already reduced over TP); it exists only on the last pipeline stage. The loss of a
 step is ``sum(weight * CE) / sum(normaliser)`` with both sums over every micro-batch and DP
-rank: :func:`loss_sums` gives one micro-batch's sums, :func:`all_reduce_sums` adds them over a
-process group, :func:`combine` divides. With megatron's schedule use
-``calculate_per_token_loss=True`` and return ``(sums.loss, sums.normalizer, ...)`` from the
-loss function: megatron then divides gradients by the global normaliser itself.
+rank: :func:`loss_sums` gives one micro-batch's sums, :func:`reduce_sums` adds micro-batches and
+ranks (the one global reduction: the training loop and the tests call it), :func:`combine`
+divides into a :class:`LossReport`. With megatron's schedule use ``calculate_per_token_loss=True``
+and return ``(sums.loss, sums.normalizer, ...)`` from the loss function: megatron then divides
+gradients by the global normaliser itself.
 
 Also here: the CAP confidence term (entropy at masked positions the model already gets right,
 vocab-parallel aware).
@@ -15,15 +16,13 @@ vocab-parallel aware).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_uni.config import Weighting
 from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_IMAGE, MODALITY_TEXT
 from megatron_uni.diffusion.inputs import DiffusionInputs
-
-SUM_FIELDS = ("loss", "normalizer", "text_loss", "text_weight", "image_loss", "image_weight",
-              "confidence", "confidence_count")
 
 
 @dataclasses.dataclass
@@ -40,11 +39,26 @@ class LossSums:
     confidence_count: torch.Tensor  # positions contributing to it
 
     def stacked(self) -> torch.Tensor:
-        return torch.stack([getattr(self, f).float() for f in SUM_FIELDS])
+        """The fields as one float vector (for a single all-reduce); :meth:`from_stacked` inverts it."""
+        return torch.stack([getattr(self, f.name).float() for f in dataclasses.fields(self)])
 
     @classmethod
     def from_stacked(cls, values: torch.Tensor) -> "LossSums":
-        return cls(**{f: values[i] for i, f in enumerate(SUM_FIELDS)})
+        return cls(**{f.name: values[i] for i, f in enumerate(dataclasses.fields(cls))})
+
+    def detached(self) -> "LossSums":
+        return LossSums(**{f.name: getattr(self, f.name).detach() for f in dataclasses.fields(self)})
+
+
+@dataclasses.dataclass
+class LossReport:
+    """The losses of some tokens, from summed :class:`LossSums` (scalar tensors or floats)."""
+
+    loss: torch.Tensor              # diffusion_loss + confidence_beta * confidence_loss
+    diffusion_loss: torch.Tensor    # sum(weight * CE) / sum(normaliser)
+    text_loss: torch.Tensor         # weighted mean CE over text targets
+    image_loss: torch.Tensor        # weighted mean CE over image-code targets
+    confidence_loss: torch.Tensor   # mean CAP entropy
 
 
 def loss_sums(per_token_ce: torch.Tensor, inputs: DiffusionInputs,
@@ -75,28 +89,33 @@ def add_sums(a: LossSums, b: LossSums) -> LossSums:
     return LossSums.from_stacked(a.stacked() + b.stacked())
 
 
-def all_reduce_sums(sums: LossSums, group=None) -> LossSums:
-    """Sum the statistics over ``group`` (e.g. the DP group) with torch.distributed (no grad)."""
-    values = sums.stacked().detach().clone()
+def reduce_sums(sums: Sequence[LossSums], group=None, contributes: bool = True) -> LossSums:
+    """The global reduction: this rank's micro-batch sums added, then all-reduced over ``group``
+    (the world when None; no-op without a process group). No grad.
+
+    A rank whose sums duplicate another's (a TP peer of the last pipeline stage) passes
+    ``contributes=False`` and adds zeros, so each replica is counted once.
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces device tensors only
+    total = torch.zeros(len(dataclasses.fields(LossSums)), device=device)
+    if contributes:
+        for item in sums:
+            total += item.stacked().detach().to(device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values, group=group)
-    return LossSums.from_stacked(values)
+        torch.distributed.all_reduce(total, group=group)
+    return LossSums.from_stacked(total)
 
 
-def combine(sums: LossSums, confidence_beta: float = 0.0) -> dict:
+def combine(sums: LossSums, confidence_beta: float = 0.0) -> LossReport:
     """Global loss and the reported split from summed statistics."""
     def ratio(num, den):
         return num / den.clamp_min(1e-12)
 
     loss = ratio(sums.loss, sums.normalizer)
     confidence = ratio(sums.confidence, sums.confidence_count)
-    return {
-        "loss": loss + confidence_beta * confidence,
-        "diffusion_loss": loss,
-        "text_loss": ratio(sums.text_loss, sums.text_weight),
-        "image_loss": ratio(sums.image_loss, sums.image_weight),
-        "confidence_loss": confidence,
-    }
+    return LossReport(loss=loss + confidence_beta * confidence, diffusion_loss=loss,
+                      text_loss=ratio(sums.text_loss, sums.text_weight),
+                      image_loss=ratio(sums.image_loss, sums.image_weight), confidence_loss=confidence)
 
 
 def _tp_sum(value: torch.Tensor, group) -> torch.Tensor:
@@ -142,19 +161,19 @@ def confidence_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: 
 # megatron's schedules add the loss function's token count into an int32 tensor, so a
 # non-integral normaliser is passed in fixed point: numerator and count both scaled by this
 # factor; the sqrt_masked normaliser (a sum of square roots) is then off by < 0.5/64 per micro-batch.
-NORMALIZER_FIXED_POINT = {"mean": 1, "elbo": 1, "sqrt_masked": 64}
+NORMALIZER_FIXED_POINT: Dict[Weighting, int] = {"mean": 1, "elbo": 1, "sqrt_masked": 64}
 
 
-def schedule_loss(sums: LossSums, weighting: str):
+def schedule_loss(sums: LossSums, weighting: Weighting):
     """``(loss_sum, num_tokens, report)`` for a megatron ``loss_func`` with ``calculate_per_token_loss=True``.
 
     megatron divides the summed ``loss_sum`` (gradients) by the summed ``num_tokens`` over
-    micro-batches and DP: the global normalisation. ``report["diffusion"]`` holds the stacked
-    :class:`LossSums` for logging (sum them, then :func:`combine`).
+    micro-batches and DP: the global normalisation. ``report["diffusion"]`` holds the
+    :class:`LossSums` (detached) for logging: :func:`reduce_sums` them, then :func:`combine`.
     """
     scale = NORMALIZER_FIXED_POINT[weighting]
     count = torch.round(sums.normalizer.detach() * scale).to(torch.int)
-    return sums.loss * scale, count, {"diffusion": sums.stacked().detach()}
+    return sums.loss * scale, count, {"diffusion": sums.detached()}
 
 
 def ce_and_confidence(logits: torch.Tensor, labels: torch.Tensor):

@@ -5,7 +5,7 @@ probability t. t is drawn per sample (dFactory) or per block (bd3lms) from U[t_m
 (the "mask-ratio bandwidth"), optionally antithetic (stratified across the batch, lower
 variance). Complementary masking doubles the batch: each sample is followed by a copy whose
 mask is the complement over its maskable positions, so each maskable token is supervised
-exactly once per pair.
+exactly once per pair. The settings are the recipe's ``diffusion:`` section (``config.DiffusionConfig``).
 """
 
 from __future__ import annotations
@@ -15,24 +15,13 @@ from typing import Optional
 
 import torch
 
+from megatron_uni.config import DiffusionConfig
 from megatron_uni.data.batch import Batch
+from megatron_uni.rounding import ceil_div
 from megatron_uni.tokens import Vocabulary
 
 # smallest ratio used as the ELBO denominator: the complement of t = 1 is 0
 MIN_RATIO = 1e-3
-
-
-@dataclasses.dataclass(frozen=True)
-class NoiseConfig:
-    t_min: float = 0.3
-    t_max: float = 0.8
-    per_block: bool = False
-    antithetic: bool = False
-    complementary: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.t_min <= self.t_max <= 1.0:
-            raise ValueError(f"NoiseConfig: need 0 <= t_min <= t_max <= 1, got t_min={self.t_min} t_max={self.t_max}")
 
 
 @dataclasses.dataclass
@@ -54,10 +43,10 @@ def _uniform(n: int, antithetic: bool, generator: Optional[torch.Generator], dev
     return strata[torch.randperm(n, generator=generator, device=device)]
 
 
-def sample_ratio(batch_size: int, seq_length: int, block_size: int, cfg: NoiseConfig,
+def sample_ratio(batch_size: int, seq_length: int, block_size: int, cfg: DiffusionConfig,
                  generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
     """Mask ratio t per position ``[b, L]``: constant per sample, or per block when ``cfg.per_block``."""
-    num_blocks = -(-seq_length // block_size) if cfg.per_block else 1
+    num_blocks = ceil_div(seq_length, block_size) if cfg.per_block else 1
     u = _uniform(batch_size * num_blocks, cfg.antithetic, generator, device).view(batch_size, num_blocks)
     t = cfg.t_min + (cfg.t_max - cfg.t_min) * u
     if not cfg.per_block:
@@ -70,7 +59,7 @@ def repeat_batch(batch: Batch, repeats: int) -> Batch:
     return Batch(**{name: value.repeat_interleave(repeats, dim=0) for name, value in batch.as_dict().items()})
 
 
-def noise_batch(batch: Batch, vocab: Vocabulary, cfg: NoiseConfig, block_size: int,
+def noise_batch(batch: Batch, vocab: Vocabulary, cfg: DiffusionConfig, block_size: int,
                 generator: Optional[torch.Generator] = None) -> NoisedBatch:
     """Mask the maskable tokens of ``batch``; with ``cfg.complementary`` return 2b rows (pairs)."""
     b, length = batch.tokens.shape

@@ -14,8 +14,10 @@ from typing import Dict, Tuple
 import torch
 
 from megatron_uni.data.batch import MODALITY_IMAGE, MODALITY_TEXT, Batch
-from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs
+from megatron_uni.config import DiffusionConfig
+from megatron_uni.diffusion.inputs import build_inputs
 from megatron_uni.diffusion.layout import full_layout, kept_positions
+from megatron_uni.rounding import round_up
 from megatron_uni.tokens import Vocabulary
 
 
@@ -47,7 +49,7 @@ def shaped_sample(shape: SampleShape, block_size: int, vocab: Vocabulary, gen: t
     """One document ``[1, L]``: image codes and prompt text (clean), then target + padding (maskable)."""
     image, prompt, target = _draw(gen, shape.prompt_image), _draw(gen, shape.prompt_text), _draw(gen, shape.target)
     used = image + prompt + target
-    length = -(-used // block_size) * block_size
+    length = round_up(used, block_size)
     modality = torch.full((1, length), MODALITY_TEXT, dtype=torch.int8)
     modality[0, :image] = MODALITY_IMAGE
     tokens = torch.randint(0, vocab.text_size, (1, length), generator=gen)
@@ -60,16 +62,16 @@ def shaped_sample(shape: SampleShape, block_size: int, vocab: Vocabulary, gen: t
                  position_ids=torch.arange(length).unsqueeze(0))
 
 
-def measure(shape: SampleShape, samples: int, cfg: DiffusionConfig, vocab: Vocabulary,
+def measure(shape: SampleShape, samples: int, cfg: DiffusionConfig, block_size: int, vocab: Vocabulary,
             seed: int = 0) -> Dict[str, float]:
     """Positions of the full (2L) and prefix-aware layouts summed over ``samples`` samples."""
     gen = torch.Generator().manual_seed(seed)
     full = kept = 0
     for _ in range(samples):
-        batch = shaped_sample(shape, cfg.block_size, vocab, gen)
-        inputs = build_inputs(batch, vocab, cfg, gen)
+        batch = shaped_sample(shape, block_size, vocab, gen)
+        inputs = build_inputs(batch, vocab, cfg, gen, block_size=block_size)
         supervised = inputs.loss_weights > 0
         full += inputs.num_tokens
-        kept += int(kept_positions(full_layout(batch.doc_ids, cfg.block_size), supervised).sum())
+        kept += int(kept_positions(full_layout(batch.doc_ids, block_size), supervised).sum())
     return {"samples": samples, "full_tokens": full, "prefix_aware_tokens": kept,
             "saving": 1.0 - kept / full if full else 0.0}

@@ -80,12 +80,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Tr
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
-        tensor_model_parallel_size=parallel.tensor,
-        pipeline_model_parallel_size=parallel.pipeline,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
-        context_parallel_size=parallel.context,
-        expert_model_parallel_size=parallel.expert,
-        expert_tensor_parallel_size=parallel.expert_tensor,
+        **parallel.megatron_kwargs(),
         sequence_parallel=parallel.sequence_parallel,
         # Interleaved PP: batched p2p over gloo pairs activations with grads wrongly when prev and
         # next are the same peer (PP=2) -- right losses, wrong gradients. Megatron-LM's own default.

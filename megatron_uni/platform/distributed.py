@@ -61,14 +61,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor,
-        pipeline_model_parallel_size=parallel.pipeline,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
-        context_parallel_size=parallel.context,
-        expert_model_parallel_size=parallel.expert,
-        expert_tensor_parallel_size=parallel.expert_tensor,
-    )
+    parallel_state.initialize_model_parallel(**parallel.megatron_kwargs())
     seed_everything(seed)
 
 

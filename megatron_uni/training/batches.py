@@ -14,17 +14,8 @@ import torch
 
 from megatron_uni.config import Config
 from megatron_uni.data.loader import open_training_data
-from megatron_uni.diffusion.inputs import DiffusionConfig, DiffusionInputs, build_inputs
-from megatron_uni.diffusion.noising import NoiseConfig
+from megatron_uni.diffusion.inputs import DiffusionInputs, build_inputs
 from megatron_uni.tokens import Vocabulary
-
-
-def diffusion_config(cfg: Config) -> DiffusionConfig:
-    d = cfg.diffusion
-    noise = NoiseConfig(t_min=d.t_min, t_max=d.t_max, per_block=d.per_block, antithetic=d.antithetic,
-                        complementary=d.complementary)
-    return DiffusionConfig(block_size=cfg.data.block_size, noise=noise, weighting=d.weighting,
-                           prefix_aware=d.prefix_aware)
 
 
 class MicrobatchSource:
@@ -37,7 +28,6 @@ class MicrobatchSource:
         # one loader over the whole row sequence; rows are addressed directly, never iterated
         self.loader = open_training_data(cfg.data, cfg.model)
         self.vocab: Vocabulary = self.loader.vocab
-        self.diffusion = diffusion_config(cfg)
 
     def __call__(self, iteration: int, index: int, dp_rank: int, dp_size: int) -> DiffusionInputs:
         mbs = self.cfg.data.micro_batch_size
@@ -45,7 +35,7 @@ class MicrobatchSource:
         batch = self.loader.rows(list(range(first, first + mbs)))
         generator = torch.Generator().manual_seed(
             hash((self.cfg.data.seed, iteration, index, dp_rank)) & 0x7FFF_FFFF_FFFF_FFFF)
-        return build_inputs(batch, self.vocab, self.diffusion, generator)
+        return build_inputs(batch, self.vocab, self.cfg.diffusion, generator, block_size=self.cfg.data.block_size)
 
     @property
     def model_seq_length(self) -> int:

@@ -23,19 +23,21 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_uni import checkpoint
 from megatron_uni.config import Config, data_parallel_size, validate_world_size
-from megatron_uni.diffusion.losses import LossSums, combine
+from megatron_uni.diffusion.inputs import DiffusionInputs
+from megatron_uni.diffusion.losses import LossReport, LossSums, combine, reduce_sums
 from megatron_uni.model.block_attention import block_attention_spec
 from megatron_uni.model.builder import build_model_chunks
 from megatron_uni.model.embedding_noise import mask_embedding_noise_hook
 from megatron_uni.platform.cpu import cpu_optimizer_scope
 from megatron_uni.platform.distributed import init_distributed, is_rank0
+from megatron_uni.tokens import VocabularyLayout
 from megatron_uni.training.optim import build_optimizer, build_scheduler
 from megatron_uni.training.step import make_forward_step
 
 log = logging.getLogger("megatron_uni.train")
 
 # (iteration, microbatch index, dp_rank, dp_size) -> DiffusionInputs of one micro-batch
-MicrobatchFn = Callable[[int, int, int, int], object]
+MicrobatchFn = Callable[[int, int, int, int], DiffusionInputs]
 
 
 @dataclasses.dataclass
@@ -44,7 +46,18 @@ class TrainState:
     model: List[torch.nn.Module]
     optimizer: object
     scheduler: object
+    vocabulary: Optional[VocabularyLayout] = None   # recorded in every checkpoint; its mask id feeds the noise hook
     iteration: int = 0
+
+
+@dataclasses.dataclass
+class StepMetrics:
+    """One optimizer step: the global losses (floats; NaN for a split without targets) and the update."""
+
+    losses: LossReport
+    grad_norm: float
+    update_ok: bool
+    lr: float
 
 
 class _StopFlag:
@@ -86,7 +99,7 @@ def wrap_ddp(cfg: Config, chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Mo
             for i, chunk in enumerate(chunks)]
 
 
-def setup(cfg: Config, mask_id: Optional[int] = None) -> TrainState:
+def setup(cfg: Config, vocabulary: Optional[VocabularyLayout] = None) -> TrainState:
     """Distributed init, model (block-diffusion attention), DDP, optimizer, scheduler, resume."""
     launch = init_distributed(cfg.parallel, seed=cfg.data.seed)
     validate_world_size(cfg, launch.world_size)
@@ -96,10 +109,11 @@ def setup(cfg: Config, mask_id: Optional[int] = None) -> TrainState:
     chunks = wrap_ddp(cfg, chunks)
     optimizer = build_optimizer(cfg, chunks)
     scheduler = build_scheduler(cfg, optimizer)
-    state = TrainState(cfg=cfg, model=chunks, optimizer=optimizer, scheduler=scheduler)
-    if cfg.diffusion.mask_noise_steps and mask_id is not None and first_chunk.pre_process:
+    state = TrainState(cfg=cfg, model=chunks, optimizer=optimizer, scheduler=scheduler, vocabulary=vocabulary)
+    if cfg.diffusion.mask_noise_steps and vocabulary is not None and first_chunk.pre_process:
         sp_rank = parallel_state.get_tensor_model_parallel_rank() if cfg.parallel.sequence_parallel else 0
-        hook = mask_embedding_noise_hook(mask_id, cfg.diffusion.mask_noise_std, cfg.diffusion.mask_noise_steps,
+        diffusion = cfg.diffusion
+        hook = mask_embedding_noise_hook(vocabulary.mask_id, diffusion.mask_noise_std, diffusion.mask_noise_steps,
                                          current_step=lambda: state.iteration, sequence_parallel_rank=sp_rank)
         first_chunk.embedding.register_forward_hook(hook, with_kwargs=True)
     # A run's own checkpoints win over checkpoint.load: a requeued job must continue, not restart
@@ -121,12 +135,11 @@ def _optimizer_sharded(state: TrainState, is_loading: bool = False) -> Dict:
             model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})}
 
 
-def save(state: TrainState, vocabulary: Optional[dict] = None) -> str:
+def save(state: TrainState) -> str:
     cfg = state.cfg
     return checkpoint.save_checkpoint(
-        cfg.checkpoint.save, state.iteration, state.model, cfg.model, vocabulary, cfg.parallel,
-        extra_sharded=_optimizer_sharded(state),
-        extra_metadata={"scheduler": state.scheduler.state_dict(), "config": cfg.to_dict()},
+        cfg.checkpoint.save, state.iteration, state.model, cfg.model, state.vocabulary, cfg.parallel,
+        extra_sharded=_optimizer_sharded(state), scheduler=state.scheduler.state_dict(), config=cfg.to_dict(),
     )
 
 
@@ -134,17 +147,17 @@ def load(state: TrainState, path: str, finetune: bool = False) -> None:
     if finetune:
         checkpoint.load_checkpoint(path, state.model, state.cfg.model)
         return
-    metadata = checkpoint.read_metadata(path)
-    extra = _optimizer_sharded(state, is_loading=True) if "optimizer" in metadata.get("extra_keys", []) else None
-    metadata = checkpoint.load_checkpoint(path, state.model, state.cfg.model, extra_sharded=extra)
+    saved = checkpoint.read_metadata(path)
+    extra = _optimizer_sharded(state, is_loading=True) if "optimizer" in saved.extra_keys else None
+    metadata, loaded = checkpoint.load_checkpoint(path, state.model, state.cfg.model, extra_sharded=extra)
     if extra:
         with torch.no_grad(), cpu_optimizer_scope():
-            state.optimizer.load_state_dict(metadata["loaded_extra"]["optimizer"])
-    if metadata.get("scheduler"):
-        state.scheduler.load_state_dict(metadata["scheduler"])
-    state.iteration = metadata["iteration"]
+            state.optimizer.load_state_dict(loaded["optimizer"])
+    if metadata.scheduler:
+        state.scheduler.load_state_dict(metadata.scheduler)
+    state.iteration = metadata.iteration
     if is_rank0():
-        log.info("resumed from %s at iteration %d", metadata["iteration_dir"], state.iteration)
+        log.info("resumed from %s at iteration %d", metadata.iteration_dir, state.iteration)
 
 
 def num_microbatches(cfg: Config) -> int:
@@ -165,29 +178,30 @@ def _microbatch_iterators(state: TrainState, make_microbatch: MicrobatchFn) -> L
     return [iterator() for _ in state.model]
 
 
-def _global_losses(reports: Sequence[Dict]) -> Dict[str, float]:
-    """This step's loss (and text/image split) over all micro-batches and DP ranks, on every rank.
+def global_loss_sums(reports: Sequence[Dict[str, LossSums]]) -> LossSums:
+    """This step's loss sums over all micro-batches and DP ranks, on every rank, from the reports
+    of megatron's forward-backward schedule.
 
     Only the last pipeline stage has reports, and TP ranks hold copies: rank (tp 0, last stage)
     of each DP replica contributes its sums and one all-reduce over the world adds them up.
     """
-    total = torch.zeros(len(LossSums.__dataclass_fields__))
     contributes = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
         parallel_state.get_tensor_model_parallel_rank() == 0
-    if contributes:
-        for report in reports:
-            total += report["diffusion"].float()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
-    sums = LossSums.from_stacked(total)
-    losses = {k: float(v) for k, v in combine(sums).items()}
+    return reduce_sums([report["diffusion"] for report in reports], contributes=contributes)
+
+
+def step_losses(reports: Sequence[Dict[str, LossSums]]) -> LossReport:
+    """The step's global losses as floats; a split without targets in this step is NaN, not 0."""
+    sums = global_loss_sums(reports)
+    report = combine(sums)
+    losses = {f.name: float(getattr(report, f.name)) for f in dataclasses.fields(report)}
     for split in ("text", "image"):
         if float(getattr(sums, f"{split}_weight")) == 0.0:
-            losses[f"{split}_loss"] = float("nan")  # no such targets in this step: not a zero loss
-    return losses
+            losses[f"{split}_loss"] = float("nan")
+    return LossReport(**losses)
 
 
-def train_step(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int) -> Dict[str, float]:
+def train_step(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int) -> StepMetrics:
     cfg = state.cfg
     for chunk in state.model:
         chunk.zero_grad_buffer()
@@ -207,8 +221,8 @@ def train_step(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int
         update_ok, grad_norm, _ = state.optimizer.step()
     state.scheduler.step(increment=1)
     state.iteration += 1
-    return {**_global_losses(reports), "grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok),
-            "lr": state.optimizer.param_groups[0]["lr"]}
+    return StepMetrics(losses=step_losses(reports), grad_norm=float(grad_norm or 0.0), update_ok=bool(update_ok),
+                       lr=state.optimizer.param_groups[0]["lr"])
 
 
 def _fmt(value: float) -> str:
@@ -216,33 +230,34 @@ def _fmt(value: float) -> str:
 
 
 def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
-        vocabulary: Optional[dict] = None, log_fn: Callable[[str], None] = print) -> TrainState:
+        log_fn: Callable[[str], None] = print) -> TrainState:
     cfg = state.cfg
     stop = _StopFlag()
     while state.iteration < cfg.schedule.train_iters:
         start = time.perf_counter()
         metrics = train_step(state, make_microbatch, seq_length)
         if is_rank0() and state.iteration % cfg.logging.log_interval == 0:
-            log_fn(f"iter {state.iteration:6d}/{cfg.schedule.train_iters} | loss {metrics['loss']:.4f} | "
-                   f"text {_fmt(metrics['text_loss'])} | image {_fmt(metrics['image_loss'])} | "
-                   f"lr {metrics['lr']:.3e} | grad_norm {metrics['grad_norm']:.3f} | "
+            losses = metrics.losses
+            log_fn(f"iter {state.iteration:6d}/{cfg.schedule.train_iters} | loss {losses.loss:.4f} | "
+                   f"text {_fmt(losses.text_loss)} | image {_fmt(losses.image_loss)} | "
+                   f"lr {metrics.lr:.3e} | grad_norm {metrics.grad_norm:.3f} | "
                    f"{time.perf_counter() - start:.2f} s")
         interval = cfg.checkpoint.save_interval
         due = cfg.checkpoint.save and interval and state.iteration % interval == 0
         exit_now = cfg.schedule.exit_interval and state.iteration % cfg.schedule.exit_interval == 0
         if stop.any_rank() or exit_now:
             if cfg.checkpoint.save:
-                path = save(state, vocabulary)
+                path = save(state)
                 if is_rank0():
                     reason = "exit interval reached" if exit_now else "signal received"
                     log_fn(f"{reason}: saved {path}, exiting")
             return state
         if due:
-            save(state, vocabulary)
+            save(state)
     if cfg.checkpoint.save:
         path = checkpoint.latest_iteration_dir(cfg.checkpoint.save) or ""
         if not path.endswith(checkpoint.iteration_dir_name(state.iteration)):
-            path = save(state, vocabulary)
+            path = save(state)
         if is_rank0():
             log_fn(f"final checkpoint: {path}")
     return state
