@@ -12,10 +12,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
 
 
-def tiny_model_config():
+# as in convert_helpers: 4 experts per group, top-4 of 2 kept groups, so megatron's group score
+# (sum of the topk / group_topk = 2 best of a group) equals HF LLaDA2's (sum of the 2 best)
+PARITY_OVERRIDES = ["model.num_experts=16", "model.moe_router_topk=4", "model.moe_router_num_groups=4",
+                    "model.moe_router_group_topk=2"]
+
+
+def tiny_model_config(overrides=()):
     from megatron_uni.config import load_config
 
-    return load_config(os.path.join(REPO, "recipes", "model", "tiny.yaml")).model
+    return load_config(os.path.join(REPO, "recipes", "model", "tiny.yaml"), list(overrides)).model
 
 
 def demo_vocabulary(folder: str):

@@ -10,11 +10,14 @@ import sys
 
 import pytest
 
-from inference_helpers import REPO, demo_vocabulary, tiny_model_config
+from inference_helpers import PARITY_OVERRIDES, REPO, demo_vocabulary, tiny_model_config
 
 
 def _tool(script, args):
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    from megatron_uni.platform.distributed import free_port
+
+    # a free port: the default one may be taken by another job on a shared machine
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO, MASTER_PORT=str(free_port()))
     done = subprocess.run([sys.executable, os.path.join(REPO, "tools", script), *args], capture_output=True,
                           text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -28,10 +31,10 @@ def exported(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("megatron_generate")
     hf_dir, ckpt = base / "hf", str(base / "ckpt")
-    write_tiny_hf(str(hf_dir), tiny_model_config(), text_only=False, seed=5)
+    write_tiny_hf(str(hf_dir), tiny_model_config(PARITY_OVERRIDES), text_only=False, seed=5)
     vocab = demo_vocabulary(str(hf_dir))
     _tool("convert_hf_to_megatron.py", [str(hf_dir), ckpt, "--recipe", os.path.join(REPO, "recipes/model/tiny.yaml"),
-                                        "--tokenizer", str(hf_dir), "--no-progress"])
+                                        "--override", *PARITY_OVERRIDES, "--tokenizer", str(hf_dir), "--no-progress"])
     return {"base": base, "hf": str(hf_dir), "ckpt": ckpt, "vocab": vocab}
 
 

@@ -132,6 +132,16 @@ def build_request(args, vocabulary):
     return prompts.understanding_request(vocabulary, [read_image(p) for p in args.image], args.question, args.length)
 
 
+def render_text(vocabulary, ids: List[int]) -> str:
+    """Text of generated ids; image codes outside a well-formed image block (a text answer of
+    an untrained model may hold some) are shown as ``<code N>`` instead of failing."""
+    try:
+        return vocabulary.decode(ids)
+    except ValueError:
+        return "".join(vocabulary.decode([t]) if t < vocabulary.text_size else
+                       f"<code {t - vocabulary.image_offset}>" for t in ids)
+
+
 def _append_jsonl(path: str, records: List[dict]) -> None:
     with open(path, "a") as f:
         for record in records:
@@ -151,7 +161,7 @@ def run(args) -> int:
     out = generate(runner, vocabulary, request, settings)
     # image outputs carry their header so the record holds a whole <|image|> ... <|/image|> block
     tokens = (request.prompts[0][-4:] + out.tokens) if image_task else out.tokens
-    text = vocabulary.decode([t for t in tokens if t != vocabulary.eos_id])
+    text = render_text(vocabulary, [t for t in tokens if t != vocabulary.eos_id])
     stats = {"generated": len(out.tokens), "refinement_forwards": out.refinement_forwards,
              "model_forwards": out.model_forwards, "tokens_per_forward": round(out.tokens_per_forward, 3),
              "seconds": round(out.seconds, 3), "finished": out.finished}
