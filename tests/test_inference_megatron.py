@@ -1,5 +1,6 @@
-"""Our megatron model (torch_dist checkpoint, one CPU process) as a sampler runner: the same
-greedy tokens as the reference model on the HF folder it was imported from; the generate CLI."""
+"""Our megatron model (torch_dist checkpoint, one CPU process) as a sampler runner, with and
+without the prefix KV cache: the same greedy tokens as the reference model on the HF folder it
+was imported from; the generate CLI and its outputs."""
 
 from __future__ import annotations
 
@@ -64,15 +65,17 @@ def test_megatron_text_generation_equals_reference(exported):
     assert record["stats"]["generated"] == len(expected)
 
 
-def test_megatron_image_generation_with_cfg_equals_reference_and_exports_grid(exported):
+@pytest.mark.parametrize("cache", ["cached", "uncached"])
+def test_megatron_image_generation_with_cfg_equals_reference_and_exports_grid(exported, cache):
     from megatron_uni.inference import SamplerSettings
     from megatron_uni.inference.prompts import text_to_image_request
 
-    out, images = str(exported["base"] / "image.jsonl"), str(exported["base"] / "grids.jsonl")
+    out, images = str(exported["base"] / f"image_{cache}.jsonl"), str(exported["base"] / f"grids_{cache}.jsonl")
     _tool("generate.py", [exported["ckpt"], "--tokenizer", exported["hf"], "--block-size", "4", "--steps", "2",
-                          "--output", out, "--images", images, "image", "--prompt", "a red circle", "--grid", "3x4",
-                          "--cfg-scale", "2.0"])
+                          "--output", out, "--images", images] + (["--no-cache"] if cache == "uncached" else []) +
+          ["image", "--prompt", "a red circle", "--grid", "3x4", "--cfg-scale", "2.0"])
     record, = _records(out)
+    assert record["stats"]["model_forwards"] > record["stats"]["refinement_forwards"] or cache == "uncached"
     request = text_to_image_request(exported["vocab"], "a red circle", 3, 4, cfg_scale=2.0)
     expected = _reference_tokens(exported, request, SamplerSettings(block_size=4, steps=2))
     assert record["tokens"][4:] == expected

@@ -5,9 +5,9 @@
     megatron-uni generate MODEL edit       --source src.json --instruction "make it blue" --text-scale 4
     megatron-uni generate MODEL understand --image img.json --question "What is shown?" --length 64
 
-MODEL is an HF LLaDA2 folder (config.json + safetensors; run by the reference model with the
-prefix KV cache) or a megatron checkpoint root / iter_* directory (run by our megatron model in
-one CPU process, uncached). Images given to edit / understand are one line (or file) of the
+MODEL is an HF LLaDA2 folder (config.json + safetensors; run by the plain-PyTorch reference
+model) or a megatron checkpoint root / iter_* directory (run by our megatron model in one CPU
+process). Both use the prefix KV cache unless --no-cache. Images given to edit / understand are one line (or file) of the
 decoder hand-off format of tools/export_image_tokens.py: {"h": H, "w": W, "token_ids": [0-based
 codes]}. Text goes to stdout; --output writes the sampler record (JSON Lines: id, task, prompt,
 tokens, text, stats), which tools/export_image_tokens.py reads, and --images writes the image
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-cache", action="store_true", help="HF folder: recompute the prefix every step")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the prefix every step (no KV cache)")
     parser.add_argument("--output", help="append the sampler record here (JSON Lines)")
     parser.add_argument("--images", help="append generated image grids here (decoder hand-off JSON Lines)")
     parser.add_argument("--id", default="sample-0", help="id written with the records")
@@ -106,7 +106,7 @@ def load_runner(args):
         model_cfg = model_config_from_checkpoint(args.model)
         vocabulary = Vocabulary.from_tokenizer_dir(args.tokenizer, text_size=model_cfg.text_vocab,
                                                    num_image_codes=args.num_image_codes or model_cfg.num_image_codes)
-        return megatron_runner_from_checkpoint(args.model, model_cfg), vocabulary
+        return megatron_runner_from_checkpoint(args.model, model_cfg, cached=not args.no_cache), vocabulary
     config_file = os.path.join(args.model, CONFIG_FILE)
     if not os.path.isfile(config_file):
         raise GenerationError(f"{args.model}: neither an HF folder ({CONFIG_FILE}) nor a megatron checkpoint")

@@ -8,28 +8,13 @@ its keys/values. :func:`uncached_reference_runner` recomputes everything every s
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from megatron_uni.convert.hf_reference import LLaDA2Reference, apply_partial_rope, rms_norm
-from megatron_uni.inference.runner import UncachedRunner, block_causal_allowed
-
-
-@dataclasses.dataclass
-class KVCache:
-    """Rotated keys and values ``[rows, kv_heads, T, head_dim]`` per attention layer."""
-
-    block_size: int
-    rows: int
-    layers: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
-    valid: Optional[torch.Tensor] = None  # bool [rows, T]
-
-    @property
-    def length(self) -> int:
-        return 0 if self.valid is None else self.valid.shape[1]
+from megatron_uni.inference.runner import CachedRunner, KVCache, UncachedRunner
 
 
 class _CachingReference(LLaDA2Reference):
@@ -63,39 +48,21 @@ class _CachingReference(LLaDA2Reference):
         return F.linear(out, self.w[f"{prefix}.dense.weight"])
 
 
-class CachedReferenceRunner:
+class CachedReferenceRunner(CachedRunner):
     """:class:`~megatron_uni.inference.runner.ModelRunner` with a prefix KV cache."""
 
     def __init__(self, weights, config, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
         self.model = _CachingReference(weights, config, dtype)
         self.vocab_size = int(self.model.w["lm_head.weight"].shape[0])
         self.max_length = int(self.model.c.get("max_position_embeddings", 1 << 30))
-        self.forwards = 0
 
-    def new_cache(self, rows: int, block_size: int) -> KVCache:
-        return KVCache(block_size=block_size, rows=rows)
-
-    def _run(self, cache: KVCache, tokens, positions, valid, write: bool) -> torch.Tensor:
-        start = cache.length
-        new_valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
-        key_valid = new_valid if cache.valid is None else torch.cat([cache.valid, new_valid], dim=1)
-        query_index = torch.arange(start, start + tokens.shape[1])
-        allowed = block_causal_allowed(query_index, torch.arange(key_valid.shape[1]), cache.block_size, key_valid)
+    def _call_model(self, tokens, positions, allowed, cache, write):
         self.model.cache, self.model.write = cache, write
         try:
-            logits = self.model(tokens, positions, allowed)
+            return self.model(tokens, positions, allowed)
         finally:
             self.model.cache, self.model.write = None, False
-        if write:
-            cache.valid = key_valid
-        self.forwards += 1
-        return logits
-
-    def commit(self, cache: KVCache, tokens, positions, valid=None) -> None:
-        self._run(cache, tokens, positions, valid, write=True)
-
-    def forward(self, cache: KVCache, tokens, positions) -> torch.Tensor:
-        return self._run(cache, tokens, positions, None, write=False)
 
 
 def uncached_reference_runner(weights, config, dtype: torch.dtype = torch.float32) -> UncachedRunner:

@@ -20,7 +20,7 @@ a CFG branch shifts its positions, never its block grid.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Optional, Protocol
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 
@@ -50,6 +50,21 @@ def block_causal_allowed(query_index: torch.Tensor, key_index: torch.Tensor, blo
     allowed = (k_block <= q_block)[None] & key_valid[:, None, :]
     itself = query_index[:, None] == key_index[None, :]
     return (allowed | itself[None])[:, None]
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Rotated keys and values of every committed token, per attention layer (the layout is the
+    runner's own), and which of those tokens are real (``valid``)."""
+
+    block_size: int
+    rows: int
+    layers: Dict[Any, Tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    valid: Optional[torch.Tensor] = None  # bool [rows, T]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.valid is None else self.valid.shape[1]
 
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -99,3 +114,39 @@ class UncachedRunner:
         allowed = block_causal_allowed(index, index, cache.block_size, valid)
         self.forwards += 1
         return self.logits_fn(ids, pos, allowed)[:, -tokens.shape[1]:]
+
+
+class CachedRunner:
+    """Base of the runners with a :class:`KVCache`: ``_call_model(tokens, positions, allowed,
+    cache, write)`` runs the model on the new tokens only, reading the cached keys/values of
+    every attention layer and, when ``write``, appending the new ones."""
+
+    vocab_size: int
+    max_length: int
+
+    def __init__(self) -> None:
+        self.forwards = 0
+
+    def new_cache(self, rows: int, block_size: int) -> KVCache:
+        return KVCache(block_size=block_size, rows=rows)
+
+    def _call_model(self, tokens, positions, allowed, cache: KVCache, write: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _run(self, cache: KVCache, tokens, positions, valid, write: bool) -> torch.Tensor:
+        start = cache.length
+        new_valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
+        key_valid = new_valid if cache.valid is None else torch.cat([cache.valid, new_valid], dim=1)
+        query_index = torch.arange(start, start + tokens.shape[1])
+        allowed = block_causal_allowed(query_index, torch.arange(key_valid.shape[1]), cache.block_size, key_valid)
+        logits = self._call_model(tokens, positions, allowed, cache, write)
+        if write:
+            cache.valid = key_valid
+        self.forwards += 1
+        return logits
+
+    def commit(self, cache: KVCache, tokens, positions, valid=None) -> None:
+        self._run(cache, tokens, positions, valid, write=True)
+
+    def forward(self, cache: KVCache, tokens, positions) -> torch.Tensor:
+        return self._run(cache, tokens, positions, None, write=False)
