@@ -238,3 +238,13 @@ def test_text_only_model_cannot_generate_images(vocab):
     runner = FakeRunner(vocab.text_size, lambda call, c: 0.5)
     with pytest.raises(GenerationError, match="cannot generate images"):
         generate(runner, vocab, text_to_image_request(vocab, "x", 2, 2))
+
+
+def test_cli_dispatches_generate_and_reports_a_missing_model(tmp_path, capsys):
+    from megatron_uni import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["generate", "--help"])
+    assert done.value.code == 0 and "decoder hand-off format" in capsys.readouterr().out
+    assert cli.main(["generate", str(tmp_path), "text", "--prompt", "hi"]) == 2
+    assert "neither an HF folder" in capsys.readouterr().err

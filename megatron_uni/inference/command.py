@@ -7,11 +7,11 @@
 
 MODEL is an HF LLaDA2 folder (config.json + safetensors; run by the plain-PyTorch reference
 model) or a megatron checkpoint root / iter_* directory (run by our megatron model in one CPU
-process). Both use the prefix KV cache unless --no-cache. Images given to edit / understand are one line (or file) of the
-decoder hand-off format of tools/export_image_tokens.py: {"h": H, "w": W, "token_ids": [0-based
-codes]}. Text goes to stdout; --output writes the sampler record (JSON Lines: id, task, prompt,
-tokens, text, stats), which tools/export_image_tokens.py reads, and --images writes the image
-grids directly in the decoder hand-off format.
+process). Both use the prefix KV cache unless --no-cache. Images given to edit / understand are
+one line (or file) of the decoder hand-off format of tools/export_image_tokens.py: {"h": H,
+"w": W, "token_ids": [0-based codes]}. Text goes to stdout; --output appends the sampler record
+(JSON Lines: id, task, prompt, tokens, text, stats), which tools/export_image_tokens.py reads;
+--images appends the image grids in the decoder hand-off format.
 """
 
 from __future__ import annotations
