@@ -248,3 +248,24 @@ def test_cli_dispatches_generate_and_reports_a_missing_model(tmp_path, capsys):
     assert done.value.code == 0 and "decoder hand-off format" in capsys.readouterr().out
     assert cli.main(["generate", str(tmp_path), "text", "--prompt", "hi"]) == 2
     assert "neither an HF folder" in capsys.readouterr().err
+
+
+def test_interleaved_text_then_the_image_the_model_announced_then_text(vocab):
+    from megatron_uni.inference.interleaved import generate_interleaved
+
+    prompt = prompt_ids(vocab, 8)
+    header = [vocab.special("image_start"), vocab.size_token(2), vocab.size_token(2), vocab.special("boi")]
+
+    def token(column):  # text 8-9, header 10-13, codes 14-17, <|/image|> 18, text 19, EOS 20
+        if 10 <= column < 14:
+            return header[column - 10]
+        if 14 <= column < 18:
+            return vocab.image_token(column)
+        return vocab.eos_id if column == 20 else 500 + column
+
+    runner = FakeRunner(1280, lambda call, c: 0.5, token=token)
+    out = generate_interleaved(runner, vocab, prompt, text_length=12, settings=SamplerSettings(block_size=4, steps=4))
+    assert out.images == [(2, 2, [14, 15, 16, 17])]
+    assert out.tokens == [508, 509] + header + [vocab.image_token(c) for c in range(14, 18)] + \
+        [vocab.special("image_end"), 519, vocab.eos_id]
+    assert out.finished

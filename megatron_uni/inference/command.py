@@ -4,6 +4,7 @@
     megatron-uni generate MODEL image      --prompt "a red circle" --size 512x512 --cfg-scale 4
     megatron-uni generate MODEL edit       --source src.json --instruction "make it blue" --text-scale 4
     megatron-uni generate MODEL understand --image img.json --question "What is shown?" --length 64
+    megatron-uni generate MODEL interleaved --prompt "A story in three pictures" --max-images 3
 
 MODEL is an HF LLaDA2 folder (config.json + safetensors; run by the plain-PyTorch reference
 model) or a megatron checkpoint root / iter_* directory (run by our megatron model in one CPU
@@ -17,6 +18,7 @@ one line (or file) of the decoder hand-off format of tools/export_image_tokens.p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -75,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     understand.add_argument("--image", action="append", required=True, help="JSON {h, w, token_ids}; repeatable")
     understand.add_argument("--question", default="")
     understand.add_argument("--length", type=int, default=256)
+    interleaved = tasks.add_parser("interleaved", help="text, and an image wherever the model writes a header")
+    interleaved.add_argument("--prompt", required=True)
+    interleaved.add_argument("--length", type=int, default=256, help="text positions per text phase")
+    interleaved.add_argument("--max-images", type=int, default=4)
+    interleaved.add_argument("--image-steps", type=int, default=8, help="steps per block of image phases")
     return parser
 
 
@@ -148,23 +155,38 @@ def _append_jsonl(path: str, records: List[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def _interleaved(args, runner, vocabulary, settings):
+    from megatron_uni.data.formats import SYSTEM_INTERLEAVED
+    from megatron_uni.inference import prompts
+    from megatron_uni.inference.interleaved import generate_interleaved
+
+    prompt = prompts.chat_prompt(vocabulary, SYSTEM_INTERLEAVED, prompts.encode_text(vocabulary, args.prompt))
+    image_settings = dataclasses.replace(settings, steps=args.image_steps)
+    return generate_interleaved(runner, vocabulary, prompt, args.length, settings, image_settings, args.max_images)
+
+
 def run(args) -> int:
     from megatron_uni.convert.image_tokens import images_of_record
     from megatron_uni.inference.generate import generate
     from megatron_uni.inference.sampling import SamplerSettings
 
     runner, vocabulary = load_runner(args)
-    request = build_request(args, vocabulary)
     image_task = args.task in ("image", "edit")
     steps = args.steps or (8 if image_task else 32)
     settings = SamplerSettings(args.block_size, steps, args.threshold, args.temperature, args.top_p, args.seed)
-    out = generate(runner, vocabulary, request, settings)
-    # image outputs carry their header so the record holds a whole <|image|> ... <|/image|> block
-    tokens = (request.prompts[0][-4:] + out.tokens) if image_task else out.tokens
+    if args.task == "interleaved":
+        out = _interleaved(args, runner, vocabulary, settings)
+        tokens = out.tokens
+    else:
+        request = build_request(args, vocabulary)
+        out = generate(runner, vocabulary, request, settings)
+        # image outputs carry their header so the record holds a whole <|image|> ... <|/image|> block
+        tokens = (request.prompts[0][-4:] + out.tokens) if image_task else out.tokens
     text = render_text(vocabulary, [t for t in tokens if t != vocabulary.eos_id])
     stats = {"generated": len(out.tokens), "refinement_forwards": out.refinement_forwards,
-             "model_forwards": out.model_forwards, "tokens_per_forward": round(out.tokens_per_forward, 3),
-             "seconds": round(out.seconds, 3), "finished": out.finished}
+             "model_forwards": runner.forwards, "finished": out.finished}
+    if args.task != "interleaved":
+        stats.update(tokens_per_forward=round(out.tokens_per_forward, 3), seconds=round(out.seconds, 3))
     record = {"id": args.id, "task": args.task, "prompt": getattr(args, "prompt", None) or
               getattr(args, "instruction", None) or getattr(args, "question", None),
               "tokens": tokens, "text": text, "stats": stats}
@@ -172,7 +194,7 @@ def run(args) -> int:
     print(json.dumps(stats), file=sys.stderr)
     if args.output:
         _append_jsonl(args.output, [record])
-    if args.images and image_task:
+    if args.images and (image_task or (args.task == "interleaved" and out.images)):
         _append_jsonl(args.images, images_of_record(record, vocabulary, args.id))
     return 0
 
