@@ -126,6 +126,37 @@ def _check_context(canvas: Canvas, runner) -> None:
                               f"{runner.max_length} positions")
 
 
+@dataclasses.dataclass
+class _Step:
+    """What every refinement step of one generation shares."""
+
+    runner: object
+    cache: object
+    request: GenerationRequest
+    settings: SamplerSettings
+    schedule: List[int]
+    banned_text: torch.Tensor
+    banned_image: Optional[torch.Tensor]
+    generator: torch.Generator
+
+
+def _refine_block(step: _Step, canvas: Canvas, columns: slice) -> int:
+    """Refine the block at ``columns`` until nothing is masked or the steps run out; returns
+    the forwards made."""
+    for index, scheduled in enumerate(step.schedule):
+        pending = canvas.pending[columns]
+        if not pending.any():
+            return index
+        logits = step.runner.forward(step.cache, canvas.tokens[:, columns], canvas.positions[:, columns])
+        logits = _restrict(step.request.guidance(logits).float(), canvas.image[columns], step.banned_text,
+                           step.banned_image)
+        tokens, confidence = choose_tokens(logits, step.settings, step.generator)
+        accepted = accept_positions(confidence, pending, scheduled, step.settings.threshold)
+        canvas.tokens[:, columns][:, accepted] = tokens[accepted]  # every CFG row gets the same tokens
+        canvas.pending[columns] &= ~accepted
+    return len(step.schedule)
+
+
 def generate(runner, vocabulary: Vocabulary, request: GenerationRequest,
              settings: SamplerSettings = SamplerSettings()) -> Generation:
     started, forwards_before = time.perf_counter(), runner.forwards
@@ -133,41 +164,28 @@ def generate(runner, vocabulary: Vocabulary, request: GenerationRequest,
     canvas = build_canvas(request, vocabulary, size)
     _check_context(canvas, runner)
     total = canvas.tokens.shape[1]
-    banned_text = disallowed_ids(vocabulary, runner.vocab_size, image=False)
-    banned_image = disallowed_ids(vocabulary, runner.vocab_size, image=True) if request.image_span else None
-    generator = torch.Generator().manual_seed(settings.seed)
-    steps = min(settings.steps, size)  # more steps than positions would schedule empty steps
-    schedule = transfer_schedule(size, steps)
-    cache = runner.new_cache(canvas.tokens.shape[0], size)
+    step = _Step(runner, runner.new_cache(canvas.tokens.shape[0], size), request, settings,
+                 # more steps than positions would schedule empty steps
+                 transfer_schedule(size, min(settings.steps, size)),
+                 disallowed_ids(vocabulary, runner.vocab_size, image=False),
+                 disallowed_ids(vocabulary, runner.vocab_size, image=True) if request.image_span else None,
+                 torch.Generator().manual_seed(settings.seed))
     first_block = canvas.prompt_length // size
-    if first_block:
+    if first_block:  # prefill: the blocks made only of prompt
         end = first_block * size
-        runner.commit(cache, canvas.tokens[:, :end], canvas.positions[:, :end], canvas.valid[:, :end])
-    refinements, blocks, finished = 0, 0, False
+        runner.commit(step.cache, canvas.tokens[:, :end], canvas.positions[:, :end], canvas.valid[:, :end])
+    refinements, blocks, finished = 0, 0, not request.stop_at_eos
     for start in range(first_block * size, total, size):
-        stop = min(start + size, total)
-        columns = slice(start, stop)
-        for step in range(steps):
-            pending = canvas.pending[columns]
-            if not pending.any():
-                break
-            logits = request.guidance(runner.forward(cache, canvas.tokens[:, columns], canvas.positions[:, columns]))
-            logits = _restrict(logits.float(), canvas.image[columns], banned_text, banned_image)
-            tokens, confidence = choose_tokens(logits, settings, generator)
-            accepted = accept_positions(confidence, pending, schedule[step], settings.threshold)
-            canvas.tokens[:, columns][:, accepted] = tokens[accepted]
-            canvas.pending[columns] &= ~accepted
-            refinements += 1
+        columns = slice(start, min(start + size, total))
+        refinements += _refine_block(step, canvas, columns)
         blocks += 1
-        if request.stop_at_eos and _has_eos(canvas, vocabulary, stop):
+        if request.stop_at_eos and _has_eos(canvas, vocabulary, columns.stop):
             finished = True
             break
-        if stop < total:
-            runner.commit(cache, canvas.tokens[:, columns], canvas.positions[:, columns])
-    tokens = _output(canvas, vocabulary, request)
-    finished = finished or not request.stop_at_eos
-    return Generation(tokens, finished, refinements, runner.forwards - forwards_before, blocks,
-                      time.perf_counter() - started)
+        if columns.stop < total:  # the finished block's keys/values, computed once
+            runner.commit(step.cache, canvas.tokens[:, columns], canvas.positions[:, columns])
+    return Generation(_output(canvas, vocabulary, request), finished, refinements, runner.forwards - forwards_before,
+                      blocks, time.perf_counter() - started)
 
 
 def _has_eos(canvas: Canvas, vocabulary: Vocabulary, stop: int) -> bool:
