@@ -200,9 +200,12 @@ def run(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from megatron_uni.convert.hf_io import ConversionError
+    from megatron_uni.tokens import VocabularyError
+
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (GenerationError, FileNotFoundError) as err:
+    except (GenerationError, ConversionError, VocabularyError, FileNotFoundError) as err:
         print(f"generate: error: {err}", file=sys.stderr)
         return 2
