@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, List, Tuple
 
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the reference model runs many small ops: extra threads only contend on the shared CI cores
-torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The reference model runs many small ops: extra threads only contend on shared CI cores
+    (10x slower with 2 threads on a loaded 2-core machine). Restores the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # as in convert_helpers: 4 experts per group, top-4 of 2 kept groups, so megatron's group score

@@ -6,10 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference_helpers import FakeRunner, demo_vocabulary, tiny_weights
+from inference_helpers import FakeRunner, demo_vocabulary, one_thread, tiny_weights
 from megatron_uni.inference import GenerationError, GenerationRequest, SamplerSettings, generate
 from megatron_uni.inference.guidance import ClassifierFreeGuidance
 from megatron_uni.inference.sampling import accept_positions, transfer_schedule
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,15 @@ import types
 import pytest
 import torch
 
-from inference_helpers import tiny_weights
+from inference_helpers import one_thread, tiny_weights
 
 pytest.importorskip("diffusers.pipelines.llada2.pipeline_llada2")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
 
 
 class PipelineModel(torch.nn.Module):

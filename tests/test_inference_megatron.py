@@ -11,7 +11,13 @@ import sys
 
 import pytest
 
-from inference_helpers import PARITY_OVERRIDES, REPO, demo_vocabulary, tiny_model_config
+from inference_helpers import PARITY_OVERRIDES, REPO, demo_vocabulary, one_thread, tiny_model_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def _tool(script, args):
