@@ -7,8 +7,9 @@
 
 Greedy text generation of exactly --length positions (EOS ignored) after a random prompt of
 --prompt-length text ids, by the reference model (or, with --checkpoint, our megatron model)
-with the cache and by the same model recomputing the prefix every step. Both must produce the same tokens (checked). Prints one JSON
-line per mode and the speed-up; --json appends them to a file.
+with the cache and by the same model recomputing the prefix every step. Both must produce the
+same tokens (checked). Prints one JSON line per mode and the speed-up; --json appends them to a
+file.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
                          "seconds": round(seconds, 3), "tokens_per_s": round(len(out.tokens) / seconds, 2),
                          "refinement_forwards": out.refinement_forwards, "model_forwards": out.model_forwards,
                          "tokens_per_forward": round(out.tokens_per_forward, 3),
-                         "threads": torch.get_num_threads(), "model": args.checkpoint or args.hf or os.path.basename(args.recipe),
+                         "threads": torch.get_num_threads(),
+                         "model": args.checkpoint or args.hf or os.path.basename(args.recipe),
                          "runner": "megatron" if args.checkpoint else "reference"}
         print(json.dumps(results[mode]), flush=True)
     if len(tokens) == 2:
