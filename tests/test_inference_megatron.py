@@ -21,10 +21,8 @@ def _one_thread():
 
 
 def _tool(script, args):
-    from megatron_uni.platform.distributed import free_port
-
-    # a free port: the default one may be taken by another job on a shared machine
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO, MASTER_PORT=str(free_port()))
+    # a one-process job binds no port (platform.distributed uses an in-memory store)
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     done = subprocess.run([sys.executable, os.path.join(REPO, "tools", script), *args], capture_output=True,
                           text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -52,11 +52,8 @@ def cached_attention_spec():
 def model_config_from_checkpoint(path: str):
     """The ModelConfig a checkpoint was saved with (its metadata.json)."""
     from megatron_uni.checkpoint import read_metadata
-    from megatron_uni.config import ModelConfig
 
-    saved = read_metadata(path).get("model_config") or {}
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+    return read_metadata(path).model_config
 
 
 def load_megatron_model(path: str, model_cfg=None):
