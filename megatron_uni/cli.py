@@ -2,6 +2,7 @@
 
     megatron-uni info  RECIPE [section.key=value ...]   resolved config, parameter counts, layout
     megatron-uni train RECIPE [section.key=value ...]   train (single process, torchrun, srun, mpirun)
+    megatron-uni generate MODEL TASK ...               text / image / edit / understand (docs/inference.md)
 
 Recipes are YAML files (see recipes/); overrides use dotted keys, e.g. ``optimizer.lr=1e-4``.
 The offline tools (dataset building, image tokenization, HF conversion, benchmarks) live in
@@ -95,10 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="YAML recipe (e.g. recipes/model/llada2_uni_16b.yaml)")
         p.add_argument("overrides", nargs="*", help="dotted overrides section.key=value (e.g. optimizer.lr=1e-4)")
         p.set_defaults(func=func)
+    # parsed by megatron_uni.inference.command (see main); listed here for --help
+    sub.add_parser("generate", add_help=False, help="generate text or image codes from an HF folder or a checkpoint")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generate"]:
+        from megatron_uni.inference.command import main as generate_main
+
+        return generate_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
