@@ -9,6 +9,9 @@ from megatron.core import dist_checkpointing
 
 from megatron_uni.checkpoint import (LATEST, METADATA, CheckpointError, iteration_dir_name, latest_iteration_dir,
                                      save_checkpoint)
+from megatron_uni.config import ParallelConfig, load_config
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "model", "tiny.yaml")
 
 
 class NoState(torch.nn.Module):
@@ -23,7 +26,7 @@ def fake_model_save(monkeypatch):
 
 
 def save(root, iteration):
-    return save_checkpoint(str(root), iteration, [NoState()], {"num_layers": 1}, None, {"tensor": 1})
+    return save_checkpoint(str(root), iteration, [NoState()], load_config(TINY).model, None, ParallelConfig())
 
 
 def test_unpublished_iteration_is_redone_not_refused(tmp_path):

@@ -206,7 +206,7 @@ def test_parity_batch_exercises_expert_bias_and_group_limit():
 def test_router_facts_reach_megatron_and_hf_from_one_statement():
     from megatron_uni.config import ParallelConfig
     from megatron_uni.convert.hf_config import uni_config
-    from megatron_uni.model.router import ROUTER
+    from megatron_uni.model.router_facts import ROUTER
     from megatron_uni.model.transformer_config import build_transformer_config
 
     m = tiny_config().model

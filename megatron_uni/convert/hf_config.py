@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from megatron_uni.convert.hf_io import ConversionError
-from megatron_uni.model.router import ROUTER
+from megatron_uni.model.router_facts import ROUTER
 
 # HF key -> (ModelConfig value getter, description for messages)
 FIELDS: Dict[str, Tuple[Callable[[Any], Any], str]] = {

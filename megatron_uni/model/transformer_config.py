@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_uni.config import ConfigError, ModelConfig, ParallelConfig
-from megatron_uni.model.router import ROUTER
+from megatron_uni.model.router_facts import ROUTER
 from megatron_uni.platform.te import transformer_engine_available
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
