@@ -123,3 +123,21 @@ def test_compacted_shared_clean_equals_two_full_rows(model):
     compact = _inputs(True, prefix_aware=True, seed=2, length=128)
     assert compact.num_tokens < 0.75 * pairs.num_tokens
     _assert_same(_loss_and_grads(model, compact), _loss_and_grads(model, pairs))
+
+
+def test_the_loop_microbatches_use_the_shared_clean_rows(demo):
+    """The training path (``MicrobatchSource``) honours the key: b rows of 3L instead of 2b rows of 2L."""
+    from megatron_uni.training.batches import MicrobatchSource
+
+    def source(*overrides):
+        cfg = load_config("recipes/demo/tiny_cpu.yaml", [f"data.path={demo.dataset}",
+                                                         f"data.tokenizer={demo.root / 'tokenizer'}",
+                                                         "data.seq_length=128", "diffusion.complementary=true",
+                                                         *overrides])
+        return MicrobatchSource(cfg)
+
+    pairs, shared = source(), source("diffusion.shared_clean=true")
+    two, three = pairs(0, 0, 0, 1), shared(0, 0, 0, 1)
+    assert two.input_ids.shape == (4, 256) and three.input_ids.shape == (2, 384)
+    assert (pairs.model_seq_length, shared.model_seq_length) == (256, 384)
+    assert torch.equal(three.input_ids[:, 128:256], two.input_ids[1::2, :128])
