@@ -55,13 +55,15 @@ class Stage:
 
     name: str
     seq_length: int        # L: clean tokens of a packed sample
-    layout: str            # "full" = [noisy | clean] (2L), "shared_clean" = [noisy_a | noisy_b | clean] (3L)
+    # "full" = [noisy | clean] (2L); complementary pair as "pairs" = two [noisy | clean] rows (4L)
+    # or "shared_clean" = one [noisy_a | noisy_b | clean] row (3L)
+    layout: str
     global_batch: int      # samples per step (a complementary pair counts once)
     tensor: int = 1
     pipeline: int = 1
     virtual_pipeline: int = 1
     expert: int = 8
-    micro_batch: int = 1   # model rows per micro-batch
+    micro_batch: int = 1   # samples per micro-batch (a complementary pair counts once)
     recompute: str = "selective"   # none | selective (moe_act, layernorm, core_attn) | full
     why: str = ""
 
@@ -74,8 +76,19 @@ STAGES: Dict[str, Stage] = {s.name: s for s in (
           why="complementary pair as one 3L = 24576 row (25% fewer positions than two 2L rows); TP2+SP "
               "halves activations and logits so it fits H100 without recompute or a PP bubble"),
     Stage("sft16k", 16384, "shared_clean", 128, tensor=2, recompute="full",
-          why="3L = 49152 positions: TP2+SP splits the 26 GiB of logits, full recompute keeps only layer "
+          why="3L = 49152 positions: TP2+SP splits the 48 GiB of logits, full recompute keeps only layer "
               "inputs; PP1 avoids the bubble of 64 micro-batches at most per rank"),
+)}
+
+
+# other layouts, for comparison (the stage recipes as first written: PP2 for pretraining and 16k
+# SFT, complementary pairs as two rows)
+ALTERNATIVES: Dict[str, Stage] = {s.name: s for s in (
+    Stage("pretrain-pp2", 8192, "full", 512, pipeline=2, why="PP2 (VPP1): half the layers per GPU, needs 16 GPUs, pays a bubble"),
+    Stage("sft8k-pairs", 8192, "pairs", 256, recompute="selective",
+          why="complementary pairs as two 2L rows, TP1 PP1"),
+    Stage("sft16k-pp2", 16384, "shared_clean", 128, tensor=2, pipeline=2, recompute="full",
+          why="TP2+SP, PP2 (VPP1), full recompute"),
 )}
 
 
@@ -125,7 +138,7 @@ def params_split(m: ModelConfig) -> Dict[str, int]:
 # per-sample quantities of a BDLM layout
 # ------------------------------------------------------------------------------------------------
 def positions_per_sample(stage: Stage) -> int:
-    return (3 if stage.layout == "shared_clean" else 2) * stage.seq_length
+    return {"full": 2, "shared_clean": 3, "pairs": 4}[stage.layout] * stage.seq_length
 
 
 def attended_tiles(seq_length: int, layout: str, tile: int = FLEX_TILE) -> int:
@@ -137,7 +150,7 @@ def attended_tiles(seq_length: int, layout: str, tile: int = FLEX_TILE) -> int:
     m = -(-seq_length // tile)
     noisy = m + m * (m + 1) // 2
     clean = m * (m + 1) // 2
-    return (2 * noisy if layout == "shared_clean" else noisy) + clean
+    return {"full": noisy + clean, "shared_clean": 2 * noisy + clean, "pairs": 2 * (noisy + clean)}[layout]
 
 
 def attention_flops_per_sample(m: ModelConfig, stage: Stage) -> float:
@@ -210,8 +223,8 @@ def memory_gib(m: ModelConfig, stage: Stage, world: int) -> Dict[str, float]:
     optimizer = 12 * (dense / dp + experts / expert_dp)  # fp32 main + Adam moments, distributed
     positions = stage.micro_batch * positions_per_sample(stage)
     layers = m.num_layers / pp
-    # 1F1B: stage 0 holds p micro-batches of its layers; interleaving adds (p-1)/(p v) of that
-    in_flight = pp * (1 + (pp - 1) / (pp * stage.virtual_pipeline)) if pp > 1 else 1
+    # 1F1B: stage 0 holds p micro-batches of its layers; interleaving (v > 1) adds (p-1)/(p v) of that
+    in_flight = pp if stage.virtual_pipeline == 1 else pp * (1 + (pp - 1) / (pp * stage.virtual_pipeline))
     if stage.recompute == "full":
         kept = positions * layers * 2 * m.hidden_size * in_flight + positions * activation_bytes_per_position_layer(m, "none")
     else:
@@ -268,16 +281,20 @@ def format_table(rows: List[dict]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=sorted(STAGES), nargs="*", help="stages (default: all)")
+    parser.add_argument("--stage", choices=sorted({**STAGES, **ALTERNATIVES}), nargs="*", help="stages (default: all)")
     parser.add_argument("--gpus", type=int, nargs="*", default=[8, 16, 32, 64, 128, 256], help="world sizes")
     parser.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOP utilisation for step time")
     parser.add_argument("--layouts", action="store_true", help="print each stage's layout and why, then exit")
+    parser.add_argument("--alternatives", action="store_true",
+                        help="the comparison layouts (PP2, two-row complementary pairs) instead of the recommended")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    stages = [STAGES[name] for name in (args.stage or STAGES)]
+    catalogue = ALTERNATIVES if args.alternatives else STAGES
+    everything = {**STAGES, **ALTERNATIVES}
+    stages = [everything[name] for name in args.stage] if args.stage else list(catalogue.values())
     if args.layouts:
         for s in stages:
             print(f"{s.name}: L={s.seq_length} {s.layout} TP{s.tensor} PP{s.pipeline}x{s.virtual_pipeline} "
