@@ -177,8 +177,9 @@ class DiffusionConfig:
     """Block-diffusion objective, the recipe section ``diffusion:`` (see docs/diffusion.md).
 
     Read by the noiser (``t_*``, ``per_block``, ``antithetic``, ``complementary``), the input
-    builder (``weighting``, ``prefix_aware``, ``shared_clean``) and the training loop (``mask_noise_*``). The block
-    size lives in ``data.block_size`` (the packer pads documents to it too).
+    builder (``weighting``, ``prefix_aware``, ``shared_clean``) and the training loop
+    (``mask_noise_*``). The block size lives in ``data.block_size`` (the packer pads documents
+    to it too).
     """
 
     t_min: float = 0.3                     # mask-ratio bandwidth (SFT 0.3-0.8; pretraining ~[1e-3, 1])

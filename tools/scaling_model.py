@@ -84,7 +84,8 @@ STAGES: Dict[str, Stage] = {s.name: s for s in (
 # other layouts, for comparison (the stage recipes as first written: PP2 for pretraining and 16k
 # SFT, complementary pairs as two rows)
 ALTERNATIVES: Dict[str, Stage] = {s.name: s for s in (
-    Stage("pretrain-pp2", 8192, "full", 512, pipeline=2, why="PP2 (VPP1): half the layers per GPU, needs 16 GPUs, pays a bubble"),
+    Stage("pretrain-pp2", 8192, "full", 512, pipeline=2,
+          why="PP2 (VPP1): half the layers per GPU, needs 16 GPUs, pays a bubble"),
     Stage("sft8k-pairs", 8192, "pairs", 256, recompute="selective",
           why="complementary pairs as two 2L rows, TP1 PP1"),
     Stage("sft16k-pp2", 16384, "shared_clean", 128, tensor=2, pipeline=2, recompute="full",
@@ -226,7 +227,9 @@ def memory_gib(m: ModelConfig, stage: Stage, world: int) -> Dict[str, float]:
     # 1F1B: stage 0 holds p micro-batches of its layers; interleaving (v > 1) adds (p-1)/(p v) of that
     in_flight = pp if stage.virtual_pipeline == 1 else pp * (1 + (pp - 1) / (pp * stage.virtual_pipeline))
     if stage.recompute == "full":
-        kept = positions * layers * 2 * m.hidden_size * in_flight + positions * activation_bytes_per_position_layer(m, "none")
+        # layer inputs of every layer in flight, plus one layer's full activations during its recompute
+        kept = (positions * layers * 2 * m.hidden_size * in_flight
+                + positions * activation_bytes_per_position_layer(m, "none"))
     else:
         kept = positions * layers * activation_bytes_per_position_layer(m, stage.recompute) * in_flight
     logits = positions * m.vocab * (2 + 4)       # bf16 logits + fp32 softmax kept by the CE
@@ -275,7 +278,8 @@ def format_table(rows: List[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(f"| {r['stage']} | {r['world']} | {r['dp']} | {r['tflop_per_gpu']:.0f} | {r['step_s']:.1f} | "
-                     f"{r['a2a_gb']:.1f} | {r['a2a_s']:.2f} | {r['bubble']:.1%} | {r['memory_gib']:.0f} | {r['fits']} |")
+                     f"{r['a2a_gb']:.1f} | {r['a2a_s']:.2f} | {r['bubble']:.1%} | {r['memory_gib']:.0f} | "
+                     f"{r['fits']} |")
     return "\n".join(lines)
 
 

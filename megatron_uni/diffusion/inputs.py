@@ -2,10 +2,11 @@
 
 ``build_inputs`` noises the batch, lays out ``[noisy | clean]`` (2L) -- or, with
 ``complementary`` and ``shared_clean``, ``[noisy_a | noisy_b | clean]`` (3L, one row per
-complementary pair) -- optionally prefix-aware compacted, and returns :class:`DiffusionInputs`: ``input_ids``, ``position_ids``,
-``labels`` (clean ids on masked noisy positions, ``IGNORE_INDEX`` elsewhere; no shift),
-per-token ``loss_weights``, the per-micro-batch ``normalizer`` of the loss, ``modality`` for
-the text/image split, and the :class:`AttentionLayout` from which masks are built.
+complementary pair) -- optionally prefix-aware compacted, and returns
+:class:`DiffusionInputs`: ``input_ids``, ``position_ids``, ``labels`` (clean ids on masked
+noisy positions, ``IGNORE_INDEX`` elsewhere; no shift), per-token ``loss_weights``, the
+per-micro-batch ``normalizer`` of the loss, ``modality`` for the text/image split, and the
+:class:`AttentionLayout` from which masks are built.
 
 Settings: the recipe's ``diffusion:`` section (``config.DiffusionConfig``). Loss weighting
 (``weighting``, one of ``config.Weighting``), with N_d the masked and M_d the maskable tokens of document d:
