@@ -108,7 +108,7 @@ def _assert_same(got, want):
     for name, grad in grads_want.items():
         # relative to the tensor's scale: elementwise rtol is meaningless on entries near 0
         error = (grads_got[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-30)
-        assert error < 1e-5, (name, float(error))
+        assert error < 5e-6, (name, float(error))  # measured <= 9.1e-7
 
 
 @pytest.mark.parametrize("weighting", ["sqrt_masked", "elbo"])
