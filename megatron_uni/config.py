@@ -177,8 +177,9 @@ class DiffusionConfig:
     """Block-diffusion objective, the recipe section ``diffusion:`` (see docs/diffusion.md).
 
     Read by the noiser (``t_*``, ``per_block``, ``antithetic``, ``complementary``), the input
-    builder (``weighting``, ``prefix_aware``) and the training loop (``mask_noise_*``). The block
-    size lives in ``data.block_size`` (the packer pads documents to it too).
+    builder (``weighting``, ``prefix_aware``, ``shared_clean``) and the training loop
+    (``mask_noise_*``). The block size lives in ``data.block_size`` (the packer pads documents
+    to it too).
     """
 
     t_min: float = 0.3                     # mask-ratio bandwidth (SFT 0.3-0.8; pretraining ~[1e-3, 1])
@@ -186,6 +187,7 @@ class DiffusionConfig:
     per_block: bool = False                # one t per block instead of per sample
     antithetic: bool = False               # stratified t across the micro-batch
     complementary: bool = False            # each sample followed by its complement-masked copy
+    shared_clean: bool = False             # complementary pair as one [noisy_a | noisy_b | clean] 3L row
     weighting: Weighting = "mean"
     prefix_aware: bool = False
     mask_noise_std: float = 0.0            # Gaussian noise on mask-token embeddings ...
@@ -373,6 +375,9 @@ def validate_diffusion(d: DiffusionConfig) -> None:
     _check_choices("diffusion", d)
     _require(0.0 <= d.t_min <= d.t_max <= 1.0,
              f"diffusion.t_min={d.t_min} / diffusion.t_max={d.t_max} must satisfy 0 <= t_min <= t_max <= 1")
+    _require(d.complementary or not d.shared_clean,
+             "diffusion.shared_clean=true needs diffusion.complementary=true (it shares the clean copy of a "
+             "complementary pair)")
 
 
 def validate_model(m: ModelConfig) -> None:

@@ -29,8 +29,9 @@ def random_layouts(count: int):
         length = block * int(torch.randint(1, 9, (1,), generator=gen))
         batch = random_batch(gen, 2, length, block, vocab)
         prefix = i % 2 == 1
-        inputs = build_inputs(batch, vocab, DiffusionConfig(t_min=0.2, t_max=0.9, prefix_aware=prefix), gen,
-                              block_size=block, pad_multiple=8)
+        shared = i % 3 == 2  # the shared-clean complementary layout [noisy_a | noisy_b | clean]
+        cfg = DiffusionConfig(t_min=0.2, t_max=0.9, prefix_aware=prefix, complementary=shared, shared_clean=shared)
+        inputs = build_inputs(batch, vocab, cfg, gen, block_size=block, pad_multiple=8)
         yield inputs.layout
 
 
@@ -62,7 +63,9 @@ def test_documents_never_attend_each_other():
 
 
 def test_dense_equals_brute_force_on_random_layouts():
-    for layout in random_layouts(10):
+    layouts = list(random_layouts(10))
+    assert sum(int(layout.copy.max()) == 1 for layout in layouts) == 3  # shared-clean rows are covered
+    for layout in layouts:
         assert torch.equal(dense_mask(layout), brute_force(layout))
 
 

@@ -109,7 +109,7 @@ def test_prefix_aware_step_equals_full_step_and_every_option_trains(demo, tmp_pa
     # the mask-embedding noise hook is registered by the loop: it alone changes the first loss
     noisy, _ = _train(demo, str(tmp_path / "noise"), 1, "diffusion.prefix_aware=true", *MASK_NOISE)
     assert noisy[1] != compact_losses[1], (noisy, compact_losses)
-    losses, _ = _train(demo, str(tmp_path / "all"), 2, "diffusion.prefix_aware=true",
+    losses, _ = _train(demo, str(tmp_path / "all"), 2, "diffusion.prefix_aware=true", "diffusion.shared_clean=true",
                        *(f"diffusion.{key}={value}" for key, value in DATA_OPTIONS.items()), *MASK_NOISE)
     assert sorted(losses) == [1, 2] and all(0 < v < 20 for v in losses.values())
     assert losses[1] not in (compact_losses[1], noisy[1]), (losses, compact_losses, noisy)

@@ -3,7 +3,8 @@
 Rule for query q and key k of the same row (``AttentionLayout`` attributes, ``layout.py``):
 they must be in the same document, and
 
-* noisy q -> noisy k: same block (bidirectional inside the block);
+* noisy q -> noisy k: same block and same noisy copy (bidirectional inside the block; the two
+  noisy copies of the shared-clean row never see each other);
 * noisy q -> clean k: block(k) <  block(q) (strictly earlier clean blocks);
 * clean q -> clean k: block(k) <= block(q) (block-causal);
 * clean q -> noisy k: never.
@@ -24,10 +25,10 @@ import torch
 from megatron_uni.attention.layout import AttentionLayout
 
 
-def _allowed(q_doc, q_block, q_clean, k_doc, k_block, k_clean):
+def _allowed(q_doc, q_block, q_clean, q_copy, k_doc, k_block, k_clean, k_copy):
     """The rule on broadcastable tensors (or Python scalars); shared by all implementations."""
     same_doc = q_doc == k_doc
-    noisy_noisy = (~q_clean) & (~k_clean) & (q_block == k_block)
+    noisy_noisy = (~q_clean) & (~k_clean) & (q_block == k_block) & (q_copy == k_copy)
     noisy_clean = (~q_clean) & k_clean & (k_block < q_block)
     clean_clean = q_clean & k_clean & (k_block <= q_block)
     return same_doc & (noisy_noisy | noisy_clean | clean_clean)
@@ -40,7 +41,7 @@ def pair_allowed(layout: AttentionLayout, b: int, q: int, k: int) -> bool:
     q_block, k_block = int(layout.block[b, q]), int(layout.block[b, k])
     q_clean, k_clean = bool(layout.clean[b, q]), bool(layout.clean[b, k])
     if not q_clean and not k_clean:
-        return q_block == k_block
+        return q_block == k_block and int(layout.copy[b, q]) == int(layout.copy[b, k])
     if not q_clean and k_clean:
         return k_block < q_block
     if q_clean and k_clean:
@@ -53,8 +54,8 @@ def allowed_rows(layout: AttentionLayout, start: int = 0, stop: Optional[int] = 
     stop = layout.seq_length if stop is None else stop
     q = lambda t: t[:, start:stop, None]  # noqa: E731  [b, q, 1]
     k = lambda t: t[:, None, :]           # noqa: E731  [b, 1, S]
-    allowed = _allowed(q(layout.doc), q(layout.block), q(layout.clean),
-                       k(layout.doc), k(layout.block), k(layout.clean))
+    allowed = _allowed(q(layout.doc), q(layout.block), q(layout.clean), q(layout.copy),
+                       k(layout.doc), k(layout.block), k(layout.clean), k(layout.copy))
     return allowed.unsqueeze(1)
 
 
@@ -65,11 +66,11 @@ def dense_mask(layout: AttentionLayout) -> torch.Tensor:
 
 def mask_mod(layout: AttentionLayout):
     """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> allowed`` over the layout's tensors."""
-    doc, block, clean = layout.doc, layout.block, layout.clean
+    doc, block, clean, copy = layout.doc, layout.block, layout.clean, layout.copy
 
     def allowed(b, h, q_idx, kv_idx):
-        return _allowed(doc[b, q_idx], block[b, q_idx], clean[b, q_idx],
-                        doc[b, kv_idx], block[b, kv_idx], clean[b, kv_idx])
+        return _allowed(doc[b, q_idx], block[b, q_idx], clean[b, q_idx], copy[b, q_idx],
+                        doc[b, kv_idx], block[b, kv_idx], clean[b, kv_idx], copy[b, kv_idx])
 
     return allowed
 

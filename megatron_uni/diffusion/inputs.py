@@ -1,10 +1,12 @@
 """The diffusion step: a ``Batch`` becomes model inputs of the BDLM layout.
 
-``build_inputs`` noises the batch, lays out ``[noisy | clean]`` (2L) or its prefix-aware
-compaction, and returns :class:`DiffusionInputs`: ``input_ids``, ``position_ids``,
-``labels`` (clean ids on masked noisy positions, ``IGNORE_INDEX`` elsewhere; no shift),
-per-token ``loss_weights``, the per-micro-batch ``normalizer`` of the loss, ``modality`` for
-the text/image split, and the :class:`AttentionLayout` from which masks are built.
+``build_inputs`` noises the batch, lays out ``[noisy | clean]`` (2L) -- or, with
+``complementary`` and ``shared_clean``, ``[noisy_a | noisy_b | clean]`` (3L, one row per
+complementary pair) -- optionally prefix-aware compacted, and returns
+:class:`DiffusionInputs`: ``input_ids``, ``position_ids``, ``labels`` (clean ids on masked
+noisy positions, ``IGNORE_INDEX`` elsewhere; no shift), per-token ``loss_weights``, the
+per-micro-batch ``normalizer`` of the loss, ``modality`` for the text/image split, and the
+:class:`AttentionLayout` from which masks are built.
 
 Settings: the recipe's ``diffusion:`` section (``config.DiffusionConfig``). Loss weighting
 (``weighting``, one of ``config.Weighting``), with N_d the masked and M_d the maskable tokens of document d:
@@ -29,7 +31,8 @@ from megatron_uni.attention.layout import FILLER_DOC, AttentionLayout
 from megatron_uni.attention.masks import FLEX_TILE, dense_mask
 from megatron_uni.config import DiffusionConfig
 from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_SPECIAL, Batch
-from megatron_uni.diffusion.layout import check_block_aligned, compact_rows, full_layout, kept_positions
+from megatron_uni.diffusion.layout import (check_block_aligned, compact_rows, full_layout, kept_positions,
+                                           share_clean, shared_clean_layout)
 from megatron_uni.diffusion.noising import noise_batch
 from megatron_uni.tokens import Vocabulary
 
@@ -47,7 +50,7 @@ class DiffusionInputs:
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        """Layout descriptor ``[b, 3, S]`` for the block attention (see ``megatron_uni.attention.layout``).
+        """Layout descriptor ``[b, 4, S]`` for the block attention (see ``megatron_uni.attention.layout``).
 
         Built once and returned again on later calls: the attention caches its BlockMask per
         descriptor tensor, so one tensor per micro-batch means one mask build per micro-batch.
@@ -98,7 +101,9 @@ def build_inputs(batch: Batch, vocab: Vocabulary, cfg: DiffusionConfig,
     """The BDLM inputs of ``batch`` (documents aligned to ``block_size``, ``data.block_size``).
 
     With ``cfg.prefix_aware`` the compacted rows are padded to a multiple of ``pad_multiple``
-    (FlexAttention tiles are 128).
+    (FlexAttention tiles are 128). With ``cfg.shared_clean`` the b samples give b rows of 3L
+    (otherwise complementary masking gives 2b rows of 2L); weights and normaliser are computed
+    on the pairs first, so both forms carry the same per-token weights.
     """
     if block_size < 1 or pad_multiple < 1:
         raise ValueError(f"build_inputs: block_size ({block_size}) and pad_multiple ({pad_multiple}) must be >= 1")
@@ -117,7 +122,14 @@ def build_inputs(batch: Batch, vocab: Vocabulary, cfg: DiffusionConfig,
         "doc": (layout.doc, FILLER_DOC),
         "block": (layout.block, -1),
         "clean": (layout.clean, False),
+        "copy": (torch.zeros_like(layout.doc), 0),
     }
+    if cfg.shared_clean:
+        rows = {name: (share_clean(tensor), fill) for name, (tensor, fill) in rows.items()}
+        shared = shared_clean_layout(clean.doc_ids[0::2], block_size)
+        rows.update(doc=(shared.doc, FILLER_DOC), block=(shared.block, -1), clean=(shared.clean, False),
+                    copy=(shared.copy, 0))
+        layout = shared
     if cfg.prefix_aware:
         keep = kept_positions(layout, rows["labels"][0] != IGNORE_INDEX)
         compacted, _ = compact_rows(keep, *rows.values(), multiple=pad_multiple)
@@ -127,6 +139,6 @@ def build_inputs(batch: Batch, vocab: Vocabulary, cfg: DiffusionConfig,
     return DiffusionInputs(
         input_ids=values["input_ids"], position_ids=values["position_ids"], labels=values["labels"],
         loss_weights=values["loss_weights"], modality=values["modality"],
-        layout=AttentionLayout(doc=values["doc"], block=values["block"], clean=values["clean"]),
+        layout=AttentionLayout(doc=values["doc"], block=values["block"], clean=values["clean"], copy=values["copy"]),
         normalizer=normalizer,
     )

@@ -4,6 +4,14 @@ A BDLM row for a packed sample of length L is ``[noisy | clean]`` (2L positions,
 with the sample's position ids): :func:`full_layout`. The prefix-aware layout keeps only the
 positions that can influence a supervised logit (:func:`kept_positions`, :func:`compact_rows`),
 so a row may be shorter than 2L.
+
+Complementary masking gives each sample two noisy copies (masks m and its complement) whose
+clean copies are identical. The shared-clean layout puts both in one row
+``[noisy_a | noisy_b | clean]`` (3L instead of two 2L rows: 25% fewer positions):
+:func:`shared_clean_layout`, :func:`share_clean`. Each noisy copy sees its own block and the
+shared earlier clean blocks, never the other copy (the layout's ``copy`` id), and the clean
+copy only sees clean positions -- so every logit, hence the loss and every gradient, equals
+the two-row form's (the clean copy's outputs were computed twice there, once here).
 """
 
 from __future__ import annotations
@@ -46,21 +54,46 @@ def full_layout(doc_ids: torch.Tensor, block_size: int) -> AttentionLayout:
                            clean=clean)
 
 
+def shared_clean_layout(doc_ids: torch.Tensor, block_size: int) -> AttentionLayout:
+    """The 3L layout ``[noisy_a | noisy_b | clean]`` of packed rows with document ids ``doc_ids`` ``[b, L]``."""
+    full = full_layout(doc_ids, block_size)
+    length = doc_ids.shape[1]
+    copy = torch.zeros(doc_ids.shape[0], 3 * length, dtype=torch.int32, device=doc_ids.device)
+    copy[:, length:2 * length] = 1
+    noisy, clean = slice(0, length), slice(length, 2 * length)
+    three = lambda t: torch.cat([t[:, noisy], t[:, noisy], t[:, clean]], 1)  # noqa: E731
+    return AttentionLayout(doc=three(full.doc), block=three(full.block), clean=three(full.clean), copy=copy)
+
+
+def share_clean(pairs: torch.Tensor) -> torch.Tensor:
+    """Complementary pairs of 2L rows ``[2b, 2L]`` (rows 2i, 2i+1 share their clean half) -> ``[b, 3L]``.
+
+    Row i becomes ``[noisy half of 2i | noisy half of 2i+1 | clean half of 2i]``, the order of
+    :func:`shared_clean_layout`; the clean half of row 2i+1 is a duplicate and is dropped.
+    """
+    if pairs.shape[0] % 2 or pairs.shape[1] % 2:
+        raise ValueError(f"share_clean needs [2b, 2L] complementary pairs, got {tuple(pairs.shape)}")
+    length = pairs.shape[1] // 2
+    return torch.cat([pairs[0::2, :length], pairs[1::2, :length], pairs[0::2, length:]], 1)
+
+
 def kept_positions(layout: AttentionLayout, supervised: torch.Tensor) -> torch.Tensor:
     """Bool ``[b, S]``: positions of a full layout that can influence a supervised logit.
 
     ``supervised`` ``[b, S]`` marks positions carrying loss (masked tokens of the noisy copy).
     Why this set is exact: a noisy position is attended only by noisy queries of its own block,
-    so a noisy block without a supervised token influences nothing supervised; a clean
-    position of block i is attended by clean queries of blocks >= i and noisy queries of
-    blocks > i of its document, so it matters only if a kept noisy block lies after it.
+    so a noisy block without a supervised token influences nothing supervised (each noisy
+    copy of a shared-clean row separately); a clean position of block i is attended by clean
+    queries of blocks >= i and noisy queries (of any copy) of blocks > i of its document, so it
+    matters only if a kept noisy block lies after it.
     Dropping the rest removes keys no kept query could see, so kept outputs are unchanged.
     """
     doc, block, clean = layout.doc.long(), layout.block.long(), layout.clean
     num_blocks = int(block.max().item()) + 1 if block.numel() else 1
     num_docs = int(doc.max().item()) + 2 if doc.numel() else 1  # doc -1 -> slot 0
-    key = (doc + 1) * num_blocks + block  # one slot per (doc, block)
-    slots = num_docs * num_blocks
+    num_copies = int(layout.copy.max().item()) + 1 if layout.copy.numel() else 1
+    key = ((doc + 1) * num_copies + layout.copy.long()) * num_blocks + block  # one slot per (doc, copy, block)
+    slots = num_docs * num_copies * num_blocks
     noisy_has_loss = torch.zeros(layout.batch_size, slots, dtype=torch.bool, device=doc.device)
     noisy_has_loss.scatter_reduce_(1, key, supervised & ~clean, reduce="amax")
     keep_noisy = noisy_has_loss.gather(1, key) & ~clean
