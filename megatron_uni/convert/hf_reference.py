@@ -74,14 +74,27 @@ class LLaDA2Reference:
 
     # ---- attention -----------------------------------------------------------------------------
     def attention(self, x, prefix, cos, sin, allowed):
+        q, k, v = self.project_qkv(x, prefix, cos, sin)
+        k, v = self.keys_values(prefix, k, v)
+        return self.attend(q, k, v, prefix, allowed)
+
+    def project_qkv(self, x, prefix, cos, sin):
+        """Queries, keys and values ``[b, heads, s, d]``: QK RMSNorm, then partial RoPE."""
         b, s, _ = x.shape
         qkv = F.linear(x, self.w[f"{prefix}.query_key_value.weight"])
         qkv = qkv.view(b, s, self.heads + 2 * self.kv_heads, self.head_dim)
         q, k, v = torch.split(qkv, [self.heads, self.kv_heads, self.kv_heads], dim=2)
         q = rms_norm(q, self.w[f"{prefix}.query_layernorm.weight"], self.eps)
         k = rms_norm(k, self.w[f"{prefix}.key_layernorm.weight"], self.eps)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # [b, heads, s, d]
-        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v
+
+    def keys_values(self, prefix, k, v):
+        """The keys and values attended to: this forward's own (a KV cache prepends its prefix)."""
+        return k, v
+
+    def attend(self, q, k, v, prefix, allowed):
+        b, _, s, _ = q.shape
         repeat = self.heads // self.kv_heads
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         scores = (q @ k.transpose(-1, -2)) / (self.head_dim ** 0.5)

@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from megatron_uni.convert.hf_reference import LLaDA2Reference, apply_partial_rope, rms_norm
+from megatron_uni.convert.hf_reference import LLaDA2Reference
 from megatron_uni.inference.runner import CachedRunner, KVCache, UncachedRunner
 
 
@@ -23,29 +22,13 @@ class _CachingReference(LLaDA2Reference):
     cache: Optional[KVCache] = None
     write: bool = False
 
-    def attention(self, x, prefix, cos, sin, allowed):
-        b, s, _ = x.shape
-        qkv = F.linear(x, self.w[f"{prefix}.query_key_value.weight"])
-        qkv = qkv.view(b, s, self.heads + 2 * self.kv_heads, self.head_dim)
-        q, k, v = torch.split(qkv, [self.heads, self.kv_heads, self.kv_heads], dim=2)
-        q = rms_norm(q, self.w[f"{prefix}.query_layernorm.weight"], self.eps)
-        k = rms_norm(k, self.w[f"{prefix}.key_layernorm.weight"], self.eps)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+    def keys_values(self, prefix, k, v):
         if prefix in self.cache.layers:
             cached_k, cached_v = self.cache.layers[prefix]
-            all_k, all_v = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
-        else:
-            all_k, all_v = k, v
+            k, v = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
         if self.write:
-            self.cache.layers[prefix] = (all_k, all_v)
-        repeat = self.heads // self.kv_heads
-        all_k, all_v = all_k.repeat_interleave(repeat, dim=1), all_v.repeat_interleave(repeat, dim=1)
-        scores = (q @ all_k.transpose(-1, -2)) / (self.head_dim ** 0.5)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = (probs @ all_v).transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
-        return F.linear(out, self.w[f"{prefix}.dense.weight"])
+            self.cache.layers[prefix] = (k, v)
+        return k, v
 
 
 class CachedReferenceRunner(CachedRunner):
