@@ -251,3 +251,53 @@ def cpu_optimizer_scope():
     if cuda_available() or not _applied.get("optimizer_scope"):
         return contextlib.nullcontext()
     return _CudaToCpuMode()
+
+
+def allocate_adam_state_for_loading(optimizer) -> None:
+    """Give every parameter of a distributed optimizer's torch Adam its (zero) state before a load.
+
+    Without TransformerEngine/apex, megatron falls back to torch Adam, which creates its state
+    lazily at the first step; ``DistributedOptimizer.state_dict()`` (optimizer/distrib_optimizer.py:640-642,
+    ``assert len(steps) == 1`` over the per-parameter ``step``) is called by
+    ``sharded_state_dict(is_loading=True)`` (:1246) before anything allocates it, so resuming a
+    distributed-optimizer checkpoint fails. The zeros are overwritten by the load.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, distrib_optimizer.DistributedOptimizer):
+            continue
+        inner = sub.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if len(inner.state[param]) == 0:
+                    inner.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                          "exp_avg_sq": torch.zeros_like(param)}
+
+
+def restore_adam_steps(optimizer) -> None:
+    """Give each parameter its own, correct ``step`` after a distributed optimizer's load.
+
+    Without TransformerEngine/apex, ``DistributedOptimizer.load_state_dict``
+    (optimizer/distrib_optimizer.py:817-823) puts ONE ``step`` tensor, taken from the loaded param
+    groups, into every parameter's torch Adam state, and then ``_set_main_param_and_optimizer_states``
+    (:936-940) copies the per-parameter ``step`` of the dp_reshardable parameter state over it, which
+    does not hold the saved count (measured: 0 after a save at step 2). torch Adam then also increments
+    the shared tensor once per parameter. Both change the bias correction, so a resumed run would
+    differ from an uninterrupted one; the param groups' ``step`` is the saved count.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, distrib_optimizer.DistributedOptimizer):
+            continue
+        inner = sub.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                param_state = inner.state.get(param)
+                if param_state and "step" in group:
+                    param_state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
