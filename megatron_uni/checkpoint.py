@@ -70,11 +70,14 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
     iter_dir = os.path.join(root, iteration_dir_name(iteration))
     model_dir = os.path.join(iter_dir, MODEL_DIR)
     if _rank() == 0:
-        if os.path.exists(os.path.join(iter_dir, METADATA)):
-            raise CheckpointError(f"{iter_dir} already holds a complete checkpoint; refusing to overwrite")
-        if os.path.isdir(model_dir):  # leftovers of a crashed save of the same iteration
-            import shutil
+        import shutil
 
+        if os.path.exists(os.path.join(iter_dir, METADATA)):
+            if iteration <= _latest_number(root):
+                raise CheckpointError(f"{iter_dir} already holds a complete checkpoint; refusing to overwrite")
+            # killed between metadata.json and `latest`: never published, so never loaded: garbage
+            shutil.rmtree(iter_dir)
+        if os.path.isdir(model_dir):  # leftovers of a crashed save of the same iteration
             shutil.rmtree(model_dir)
         os.makedirs(model_dir)
     _barrier()
@@ -102,6 +105,16 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
 
 def _as_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def _latest_number(root: str) -> int:
+    """Iteration published by ``root/latest``, -1 when none."""
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            match = _ITER_RE.match(f.read().strip())
+    except FileNotFoundError:
+        return -1
+    return int(match.group(1)) if match else -1
 
 
 def latest_iteration_dir(root: str) -> Optional[str]:
