@@ -42,7 +42,13 @@ def _free_ports(count: int) -> List[int]:
     return ports
 
 
-def _config(root: str, host: str, nodes: int, gpus: int, ctld_port: int, node_ports: List[int]) -> str:
+# Slurm holds a requeued job for the job-credential lifetime (120 s by default) and refuses to
+# start it earlier ("Job credential revoked": a released hold fails the job, measured); 10 s here.
+CRED_EXPIRE_S = 10
+
+
+def _config(root: str, host: str, nodes: int, gpus: int, ctld_port: int, node_ports: List[int],
+            cred_expire: int = CRED_EXPIRE_S) -> str:
     names = ",".join(f"n{i + 1}" for i in range(nodes))
     node_lines = "\n".join(
         f"NodeName=n{i + 1} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs=64 RealMemory=512000 "
@@ -72,6 +78,7 @@ MpiDefault=none
 ReturnToService=2
 MinJobAge=3600
 KillWait=5
+AuthInfo=cred_expire={cred_expire}
 MailProg=/bin/true
 GresTypes=gpu
 {node_lines}

@@ -141,7 +141,7 @@ SAVING_STEP = ("trap 'echo iter_000000$SAVED_AT > $SAVE/latest; exit 0' USR1; to
                "for i in $(seq 600); do sleep 0.1; done")
 
 
-def _launch(tmp_path, step, signal_step=True, iters=8, saved_at=3):
+def _launch(tmp_path, step, signal_step=True, iters=8, saved_at=3, sbatch_file="stage1_align.sbatch", args=None):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
@@ -155,9 +155,9 @@ def _launch(tmp_path, step, signal_step=True, iters=8, saved_at=3):
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n1", "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": REPO,
            "SLURM_JOB_NUM_NODES": "1", "MU_PYTHON": sys.executable, "MU_PREFLIGHT": "0",
            "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen(["bash", os.path.join(REPO, "slurm", "stage1_align.sbatch"),
-                             os.path.join(REPO, "recipes", "stages", "tiny", "stage1_align.yaml"),
-                             f"checkpoint.save={save}", f"schedule.train_iters={iters}"],
+    args = args or [os.path.join(REPO, "recipes", "stages", "tiny", "stage1_align.yaml"),
+                    f"checkpoint.save={save}", f"schedule.train_iters={iters}"]
+    proc = subprocess.Popen(["bash", os.path.join(REPO, "slurm", sbatch_file), *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if signal_step:
         deadline = time.time() + 30
@@ -192,3 +192,13 @@ def test_failing_step_fails_the_job_without_requeue(tmp_path):
     rc, out, requeued = _launch(tmp_path, "exit 3", signal_step=False)
     assert (rc, requeued) == (3, []), out
     assert "stage failed (step status 3" in out
+
+
+def test_stage_file_defaults_to_the_16b_recipe_and_passes_overrides(tmp_path):
+    rc, out, requeued = _launch(tmp_path, "exit 3", signal_step=False, sbatch_file="stage3_sft.sbatch",
+                                args=["16k", "data.path=site/blend.yaml", "optimizer.lr=1e-6"])
+    assert (rc, requeued) == (3, []), out
+    assert "megatron_uni.cli train recipes/stages/16b/stage3_sft_16k.yaml data.path=site/blend.yaml " \
+           "optimizer.lr=1e-6" in out
+    rc, out, _ = _launch(tmp_path, "exit 0", signal_step=False, sbatch_file="stage3_sft.sbatch", args=["4k"])
+    assert rc == 2 and "phase must be 8k or 16k" in out
