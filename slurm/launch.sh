@@ -189,8 +189,9 @@ mu_train() {
     exit 1
 }
 
-# Run a tool (build_dataset, convert, ...) as one step: failure is the job's failure.
+# Run a tool (build_dataset, convert, ...) as one srun step (never torchrun): failure is the job's.
 mu_tool() {
+    MU_LAUNCHER=srun
     mu_master
     mu_step_command "$@"
     mu_run_step

@@ -141,7 +141,8 @@ SAVING_STEP = ("trap 'echo iter_000000$SAVED_AT > $SAVE/latest; exit 0' USR1; to
                "for i in $(seq 600); do sleep 0.1; done")
 
 
-def _launch(tmp_path, step, signal_step=True, iters=8, saved_at=3, sbatch_file="stage1_align.sbatch", args=None):
+def _launch(tmp_path, step, signal_step=True, iters=8, saved_at=3, sbatch_file="stage1_align.sbatch", args=None,
+            **env_extra):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
@@ -154,7 +155,7 @@ def _launch(tmp_path, step, signal_step=True, iters=8, saved_at=3, sbatch_file="
            "STARTED": str(started), "SAVED_AT": str(saved_at), "FAKE_REQUEUED": str(requeued),
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n1", "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": REPO,
            "SLURM_JOB_NUM_NODES": "1", "MU_PYTHON": sys.executable, "MU_PREFLIGHT": "0",
-           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p), **env_extra}
     args = args or [os.path.join(REPO, "recipes", "stages", "tiny", "stage1_align.yaml"),
                     f"checkpoint.save={save}", f"schedule.train_iters={iters}"]
     proc = subprocess.Popen(["bash", os.path.join(REPO, "slurm", sbatch_file), *args],
@@ -202,3 +203,11 @@ def test_stage_file_defaults_to_the_16b_recipe_and_passes_overrides(tmp_path):
            "optimizer.lr=1e-6" in out
     rc, out, _ = _launch(tmp_path, "exit 0", signal_step=False, sbatch_file="stage3_sft.sbatch", args=["4k"])
     assert rc == 2 and "phase must be 8k or 16k" in out
+
+
+def test_torchrun_mode_runs_one_torchrun_per_node(tmp_path):
+    rc, out, _ = _launch(tmp_path, "exit 3", signal_step=False, MU_LAUNCHER="torchrun", MU_GPUS_PER_NODE="4")
+    assert rc == 3, out
+    step = next(line for line in out.splitlines() if "step: srun" in line)
+    assert "--ntasks-per-node=1 --ntasks=1" in step and "torch.distributed.run" in step
+    assert "--nnodes=1 --nproc-per-node=4 --master-addr=127.0.0.1 --master-port=24242 -m megatron_uni.cli train" in step
