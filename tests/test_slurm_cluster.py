@@ -70,6 +70,22 @@ def demo(tmp_path_factory):
             "hf": os.path.join(root, "hf"), "weights": weights}
 
 
+@pytest.fixture(scope="module")
+def reference(cluster, demo, tmp_path_factory):
+    """An uninterrupted 8-step tiny stage-1 run, submitted (not awaited) so it runs alongside the
+    first test that needs it: what the interrupted runs must end with."""
+    root = tmp_path_factory.mktemp("reference")
+    log = str(root / "reference.log")
+    job = _sbatch(cluster, log, "stage1_align.sbatch", *_train_args(demo, root / "ckpt"))
+    return {"job": job, "log": log, "final": str(root / "ckpt" / "iter_0000008"), "root": str(root)}
+
+
+def _reference_weights(cluster, reference):
+    info = cluster.wait(reference["job"], timeout=400)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), open(reference["log"]).read()[-3000:]
+    return _weights(reference["final"], reference["root"])
+
+
 def _env(cluster):
     return {**cluster.env, **cluster.env_extra}
 
@@ -183,9 +199,8 @@ def test_journey_import_four_stages_export(cluster, demo, tmp_path):
     assert os.path.isfile(os.path.join(folder, "tokenizer.json"))
 
 
-def test_preemption_saves_requeues_and_resumes_bitwise(cluster, demo, tmp_path):
-    straight_log, resumed_log = str(tmp_path / "straight.log"), str(tmp_path / "resumed.log")
-    straight = _sbatch(cluster, straight_log, "stage1_align.sbatch", *_train_args(demo, tmp_path / "straight"))
+def test_preemption_saves_requeues_and_resumes_bitwise(cluster, demo, reference, tmp_path):
+    resumed_log = str(tmp_path / "resumed.log")
     resumed = _sbatch(cluster, resumed_log, "stage1_align.sbatch", *_train_args(demo, tmp_path / "resumed"))
     _wait_for_line(resumed_log, r"^0: iter\s+2/8")
     cluster.run(["scancel", "--signal=USR1", "--batch", resumed])
@@ -197,9 +212,8 @@ def test_preemption_saves_requeues_and_resumes_bitwise(cluster, demo, tmp_path):
         assert info["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED"), (info, open(resumed_log).read()[-3000:])
         assert time.time() < deadline, info
         time.sleep(0.3)
-    for job, log in ((straight, straight_log), (resumed, resumed_log)):
-        info = cluster.wait(job, timeout=400)
-        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), open(log).read()[-3000:]
+    info = cluster.wait(resumed, timeout=400)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), open(resumed_log).read()[-3000:]
     out = open(resumed_log).read()
     saved = re.search(r"signal received: saved \S+/iter_(\d{7}), exiting", out)
     assert "USR1 received" in out and saved and "requeueing job" in out, out[-3000:]
@@ -208,7 +222,7 @@ def test_preemption_saves_requeues_and_resumes_bitwise(cluster, demo, tmp_path):
     # --open-mode=append: the first segment's lines survive the requeue
     assert out.index("restart 0") < out.index("iter      1/8") < out.index("restart 1")
     assert f"resumed from {tmp_path / 'resumed'}/iter_{stopped_at:07d}" in out
-    a = _weights(str(tmp_path / "straight" / "iter_0000008"), str(tmp_path))
+    a = _reference_weights(cluster, reference)
     b = _weights(str(tmp_path / "resumed" / "iter_0000008"), str(tmp_path))
     _assert_same_weights(a, b)
 
@@ -259,7 +273,7 @@ def _comm(pid):
         return None
 
 
-def test_kill9_of_one_rank_fails_promptly_and_resubmission_resumes(cluster, demo, tmp_path):
+def test_kill9_of_one_rank_fails_promptly_and_resubmission_resumes(cluster, demo, reference, tmp_path):
     log = str(tmp_path / "killed.log")
     args = _train_args(demo, tmp_path / "ckpt", "checkpoint.save_interval=2")
     job = _sbatch(cluster, log, "stage1_align.sbatch", *args)
@@ -280,10 +294,7 @@ def test_kill9_of_one_rank_fails_promptly_and_resubmission_resumes(cluster, demo
     out = open(tmp_path / "again.log").read()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), out[-3000:]
     assert f"resumed from {tmp_path / 'ckpt'}/{latest}" in out
-    reference = _sbatch(cluster, str(tmp_path / "reference.log"), "stage1_align.sbatch",
-                        *_train_args(demo, tmp_path / "reference"))
-    assert cluster.wait(reference, timeout=400)["JobState"] == "COMPLETED"
-    a = _weights(str(tmp_path / "reference" / "iter_0000008"), str(tmp_path))
+    a = _reference_weights(cluster, reference)
     b = _weights(str(tmp_path / "ckpt" / "iter_0000008"), str(tmp_path))
     _assert_same_weights(a, b)
 
