@@ -297,13 +297,15 @@ def allocate_adam_state_for_loading(optimizer) -> None:
 def restore_adam_steps(optimizer) -> None:
     """Give each parameter its own, correct ``step`` after a distributed optimizer's load.
 
-    Without TransformerEngine/apex, ``DistributedOptimizer.load_state_dict``
-    (optimizer/distrib_optimizer.py:817-823) puts ONE ``step`` tensor, taken from the loaded param
-    groups, into every parameter's torch Adam state, and then ``_set_main_param_and_optimizer_states``
-    (:936-940) copies the per-parameter ``step`` of the dp_reshardable parameter state over it, which
-    does not hold the saved count (measured: 0 after a save at step 2). torch Adam then also increments
-    the shared tensor once per parameter. Both change the bias correction, so a resumed run would
-    differ from an uninterrupted one; the param groups' ``step`` is the saved count.
+    Without TransformerEngine/apex the per-parameter torch Adam ``step`` is wrong after
+    ``DistributedOptimizer.load_state_dict``: measured 0 for every parameter (state allocated as
+    above) after loading a save
+    made at step 2, while the loaded param groups say 2. It then resumed with other updates than
+    the uninterrupted run. As we read it, ``load_state_dict`` (optimizer/distrib_optimizer.py:817-823)
+    puts ONE step tensor into every state, and ``_set_main_param_and_optimizer_states`` (:936-940)
+    copies the dp_reshardable parameter state's ``step`` over it; a shared tensor would also be
+    advanced once per parameter by torch Adam's in-place update. The param groups' ``step`` is
+    the saved count, so each state gets its own tensor with that value.
     """
     from megatron.core.optimizer import distrib_optimizer
 
