@@ -298,12 +298,12 @@ def restore_adam_steps(optimizer) -> None:
     """Give each parameter its own, correct ``step`` after a distributed optimizer's load.
 
     Without TransformerEngine/apex the per-parameter torch Adam ``step`` is wrong after
-    ``DistributedOptimizer.load_state_dict``: measured 0 for every parameter (state allocated as
-    above) after loading a save
-    made at step 2, while the loaded param groups say 2. It then resumed with other updates than
-    the uninterrupted run. As we read it, ``load_state_dict`` (optimizer/distrib_optimizer.py:817-823)
-    puts ONE step tensor into every state, and ``_set_main_param_and_optimizer_states`` (:936-940)
-    copies the dp_reshardable parameter state's ``step`` over it; a shared tensor would also be
+    ``DistributedOptimizer.load_state_dict``: measured 0 for every parameter (state
+    allocated as above) after loading a save made at step 2, while the loaded param groups say 2;
+    the resumed run then made other updates than the uninterrupted one. As we read it,
+    ``load_state_dict`` (optimizer/distrib_optimizer.py:817-823) puts ONE step tensor into every
+    state, and ``_set_main_param_and_optimizer_states`` (:936-940) copies the dp_reshardable
+    parameter state's ``step`` over it; a shared tensor would also be
     advanced once per parameter by torch Adam's in-place update. The param groups' ``step`` is
     the saved count, so each state gets its own tensor with that value.
     """
