@@ -150,6 +150,7 @@ class DataConfig:
     global_batch_size: int = 4
     num_workers: int = 0
     seed: int = 1234
+    stage: Optional[str] = None            # entry of a blend file's `stages:` mapping (e.g. align, sft)
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 import shutil
 from typing import Dict, List, Optional, Tuple
 
@@ -108,6 +109,9 @@ def _hf_sizes(model_cfg, dtype: torch.dtype) -> List[Tuple[str, int]]:
     return sizes
 
 
+_OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
+
+
 def plan_export(checkpoint: str, tokenizer_dir: Optional[str] = None, base_dir: Optional[str] = None,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.dtype = torch.bfloat16) -> ExportPlan:
     """Validate everything an export needs and decide its files; reads no tensor data."""
@@ -120,7 +124,10 @@ def plan_export(checkpoint: str, tokenizer_dir: Optional[str] = None, base_dir: 
     metadata = read_metadata(iter_dir)
     model_cfg = metadata.model_config
     model_dir = os.path.join(iter_dir, MODEL_DIR)
-    keys = check_checkpoint_tensors(dist_checkpointing.load_tensors_metadata(model_dir), model_cfg, model_dir)
+    # a training checkpoint also holds the optimizer state ("optimizer.*", "chained_N.optimizer.*"): not exported
+    tensors = {k: m for k, m in dist_checkpointing.load_tensors_metadata(model_dir).items()
+               if not _OPTIMIZER_KEY.match(k)}
+    keys = check_checkpoint_tensors(tensors, model_cfg, model_dir)
     shards = plan_shards(_hf_sizes(model_cfg, dtype), max_shard_bytes)
     return ExportPlan(model_cfg, model_dir, keys, shards, dtype, _special_ids(metadata, tokenizer_dir, model_cfg),
                       _copies(tokenizer_dir, base_dir))

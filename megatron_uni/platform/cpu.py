@@ -149,6 +149,19 @@ def _patch_schedules_device() -> None:
     schedules.torch = _CudaDeviceProxy()
 
 
+def _die_with_parent() -> None:
+    """Manager initializer: SIGKILL this process when the rank that forked it dies. A forked
+    Manager inherits the rank's stdout and its gloo sockets; after a ``kill -9`` of the rank it kept
+    both open, so the other ranks and srun saw the rank alive for another ~60 s (measured)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
 def _patch_checkpoint_writer_manager() -> None:
     # dist_checkpointing/strategies/filesystem_async.py:54 starts a *spawn* multiprocessing Manager for
     # the write-results queue: 5-6 s per process, and it re-imports ``__main__``, so any script
@@ -157,7 +170,11 @@ def _patch_checkpoint_writer_manager() -> None:
 
     def _get_write_results_queue():
         if fs_async._results_queue is None:
-            fs_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+            from multiprocessing.managers import SyncManager
+
+            manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+            manager.start(_die_with_parent)
+            fs_async._results_queue = manager.Queue()
         return fs_async._results_queue
 
     fs_async._get_write_results_queue = _get_write_results_queue
@@ -251,3 +268,55 @@ def cpu_optimizer_scope():
     if cuda_available() or not _applied.get("optimizer_scope"):
         return contextlib.nullcontext()
     return _CudaToCpuMode()
+
+
+def allocate_adam_state_for_loading(optimizer) -> None:
+    """Give every parameter of a distributed optimizer's torch Adam its (zero) state before a load.
+
+    Without TransformerEngine/apex, megatron falls back to torch Adam, which creates its state
+    lazily at the first step; ``DistributedOptimizer.state_dict()`` (optimizer/distrib_optimizer.py:640-642,
+    ``assert len(steps) == 1`` over the per-parameter ``step``) is called by
+    ``sharded_state_dict(is_loading=True)`` (:1246) before anything allocates it, so resuming a
+    distributed-optimizer checkpoint fails. The zeros are overwritten by the load.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, distrib_optimizer.DistributedOptimizer):
+            continue
+        inner = sub.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if len(inner.state[param]) == 0:
+                    inner.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                          "exp_avg_sq": torch.zeros_like(param)}
+
+
+def restore_adam_steps(optimizer) -> None:
+    """Give each parameter its own, correct ``step`` after a distributed optimizer's load.
+
+    Without TransformerEngine/apex the per-parameter torch Adam ``step`` is wrong after
+    ``DistributedOptimizer.load_state_dict``: measured 0 for every parameter (state
+    allocated as above) after loading a save made at step 2, while the loaded param groups say 2;
+    the resumed run then made other updates than the uninterrupted one. As we read it,
+    ``load_state_dict`` (optimizer/distrib_optimizer.py:817-823) puts ONE step tensor into every
+    state, and ``_set_main_param_and_optimizer_states`` (:936-940) copies the dp_reshardable
+    parameter state's ``step`` over it; a shared tensor would also be
+    advanced once per parameter by torch Adam's in-place update. The param groups' ``step`` is
+    the saved count, so each state gets its own tensor with that value.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, distrib_optimizer.DistributedOptimizer):
+            continue
+        inner = sub.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                param_state = inner.state.get(param)
+                if param_state and "step" in group:
+                    param_state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)

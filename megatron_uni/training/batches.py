@@ -26,7 +26,7 @@ class MicrobatchSource:
                                     f"tools/build_dataset.py, or run `make demo-data`)")
         self.cfg = cfg
         # one loader over the whole row sequence; rows are addressed directly, never iterated
-        self.loader = open_training_data(cfg.data, cfg.model)
+        self.loader = open_training_data(cfg.data, cfg.model, stage=cfg.data.stage)
         self.vocab: Vocabulary = self.loader.vocab
 
     def __call__(self, iteration: int, index: int, dp_rank: int, dp_size: int) -> DiffusionInputs:

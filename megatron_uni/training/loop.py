@@ -28,7 +28,7 @@ from megatron_uni.diffusion.losses import LossReport, LossSums, combine, reduce_
 from megatron_uni.model.block_attention import block_attention_spec
 from megatron_uni.model.builder import build_model_chunks
 from megatron_uni.model.embedding_noise import mask_embedding_noise_hook
-from megatron_uni.platform.cpu import cpu_optimizer_scope
+from megatron_uni.platform.cpu import allocate_adam_state_for_loading, cpu_optimizer_scope, restore_adam_steps
 from megatron_uni.platform.distributed import init_distributed, is_rank0
 from megatron_uni.tokens import VocabularyLayout
 from megatron_uni.training.optim import build_optimizer, build_scheduler
@@ -130,6 +130,8 @@ def _optimizer_sharded(state: TrainState, is_loading: bool = False) -> Dict:
     first: without it a fresh optimizer offers no tensors to load into and resumes from zero
     moments without any error."""
     model_sd = checkpoint.model_sharded_state_dict(state.model)
+    if is_loading:
+        allocate_adam_state_for_loading(state.optimizer)
     with cpu_optimizer_scope():
         return {"optimizer": state.optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})}
@@ -153,6 +155,7 @@ def load(state: TrainState, path: str, finetune: bool = False) -> None:
     if extra:
         with torch.no_grad(), cpu_optimizer_scope():
             state.optimizer.load_state_dict(loaded["optimizer"])
+        restore_adam_steps(state.optimizer)
     if metadata.scheduler:
         state.scheduler.load_state_dict(metadata.scheduler)
     state.iteration = metadata.iteration
