@@ -53,7 +53,8 @@ def _moe_settings(model: ModelConfig) -> dict:
     )
 
 
-def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, initialize: bool = True) -> TransformerConfig:
+def build_transformer_config(model: ModelConfig, parallel: ParallelConfig,
+                             initialize: bool = True) -> TransformerConfig:
     """``initialize=False``: weights are allocated, never drawn (megatron's ``perform_initialization``),
     for callers that overwrite every weight (the HF import); no full-size init buffer per weight."""
     te = use_transformer_engine(model)
