@@ -20,7 +20,9 @@ def build_model(model_cfg: ModelConfig, parallel: Optional[ParallelConfig] = Non
     Forward: ``model(input_ids, position_ids, attention_mask)`` with a bool ``[b,1,s,s]`` mask
     (True = masked out) gives logits ``[b, s, vocab]``; with ``labels=`` it gives per-token
     vocab-parallel cross-entropy ``[b, s]``. ``initialize=False`` leaves the weights uninitialised
-    (allocated only), for a caller that fills every one of them (the HF import).
+    (allocated only), for a caller that fills every one of them and saves (the HF import). Not for
+    training: megatron then also skips tagging TP-split weights (``tensor_model_parallel``), which
+    grad-norm clipping reads; the sharded state dict, and so the checkpoint, is the same.
     """
     parallel = parallel or ParallelConfig()
     config = build_transformer_config(model_cfg, parallel, initialize)
