@@ -26,6 +26,15 @@ def test_text_only_rows_expand_to_seeded_image_rows_and_zero_padding():
     assert torch.count_nonzero(full[image_end:]) == 0
 
 
+def test_a_ranks_rows_in_bf16_equal_the_whole_fp32_matrix_rounded_once():
+    m = tiny_config().model
+    text = torch.randn(m.text_vocab, m.hidden_size).bfloat16()
+    whole = expand_vocab_rows(text, KEY, m, seed=5, std=0.02).bfloat16()
+    for rows in (slice(0, 640), slice(640, 1280), slice(1000, 1230)):  # text | image | padding boundaries
+        piece = expand_vocab_rows(text, KEY, m, seed=5, std=0.02, rows=rows, dtype=torch.bfloat16)
+        assert piece.dtype == torch.bfloat16 and torch.equal(piece.view(torch.int16), whole[rows].view(torch.int16))
+
+
 def test_uni_rows_are_copied_whole():
     m = tiny_config().model
     uni = torch.randn(m.vocab, m.hidden_size)

@@ -9,6 +9,11 @@ from the HF shards (streamed one file at a time) and all ranks save together:
         --recipe recipes/model/llada2_uni_16b.yaml --tp 2 --ep 4
     python tools/convert_hf_to_megatron.py HF_DIR OUT_ROOT --recipe ... --dry-run
 
+Under TP the import turns on sequence parallel (megatron-core's MoE layers require it) and, with
+EP 1, sets parallel.expert_tensor to the TP size; neither changes the written tensors, and an
+``--override`` of either wins. The target is checked before anything is built (also under
+--dry-run): an iteration already published there, or a root that cannot be written, is refused.
+
 Text rows of the embedding and output layer are copied; image-code rows are drawn from
 N(0, std^2) (std = model.init_method_std unless --image-init-std) with a fixed seed, so every
 layout writes the same values; padding rows are zero. Any saved layout loads at any other.
@@ -17,9 +22,10 @@ layout writes the same values; padding rows are zero. Any saved layout loads at 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from megatron_uni.config import load_config, validate_world_size
+from megatron_uni.config import load_config, validate_parallel
 from megatron_uni.errors import one_line_errors
 
 
@@ -44,15 +50,38 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def layout_defaults(args):
+    """Under TP: sequence parallel on (megatron-core's MoE layers require it) and, without EP, the
+    experts split like the dense layers (our config requires it). Both change how a training step
+    splits work, never the checkpoint's tensors; an ``--override`` of either wins."""
+    if args.tp == 1:
+        return []
+    defaults = ["parallel.sequence_parallel=true"]
+    if args.ep == 1:
+        defaults.append(f"parallel.expert_tensor={args.tp}")
+    return defaults
+
+
+def resolve_config(args):
+    """The recipe + overrides at the command line's layout."""
+    layout = [f"parallel.tensor={args.tp}", f"parallel.pipeline={args.pp}", f"parallel.expert={args.ep}"]
+    if args.vpp:
+        layout.append(f"parallel.virtual_pipeline={args.vpp}")
+    return load_config(args.recipe, layout_defaults(args) + list(args.override) + layout)
+
+
+def check_layout(cfg, world_size: int) -> None:
+    """The layout against the launched ranks. Not the recipe's batch sizes: an import runs no step."""
+    validate_parallel(cfg.model, dataclasses.replace(cfg.parallel, world_size=world_size))
+
+
 @one_line_errors("convert_hf_to_megatron")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    parallel = [f"parallel.tensor={args.tp}", f"parallel.pipeline={args.pp}", f"parallel.expert={args.ep}"]
-    if args.vpp:
-        parallel.append(f"parallel.virtual_pipeline={args.vpp}")
-    cfg = load_config(args.recipe, list(args.override) + parallel)
+    cfg = resolve_config(args)
     from megatron_uni.convert import importer
 
+    importer.check_target(args.out_root, args.iteration)
     if args.dry_run:
         print("\n".join(importer.dry_run_report(args.hf_dir, cfg.model)))
         return 0
@@ -65,7 +94,7 @@ def _run(args, cfg, importer) -> int:
     from megatron_uni.platform.distributed import destroy, init_distributed, is_rank0
 
     launch = init_distributed(cfg.parallel, seed=args.seed)
-    validate_world_size(cfg, launch.world_size)
+    check_layout(cfg, launch.world_size)
     vocabulary = None
     if args.tokenizer:
         from megatron_uni.tokens import Vocabulary

@@ -16,6 +16,7 @@ beyond text + image codes are zero.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -48,17 +49,25 @@ def check_hf_tensors(hf: HFCheckpoint, model_cfg, vocab_rows: int) -> None:
         raise ConversionError(f"{hf.folder}: HF tensors do not match the model config: " + summary(problems))
 
 
-def expand_vocab_rows(hf_rows: torch.Tensor, key: str, model_cfg, seed: int, std: float) -> torch.Tensor:
-    """``[hf_vocab, h]`` -> ``[model.vocab, h]``: copied rows, seeded image-code rows, zero padding."""
-    rows, hidden = hf_rows.shape
-    full = torch.zeros(model_cfg.vocab, hidden, dtype=torch.float32)
-    full[:rows] = hf_rows.float()
+def expand_vocab_rows(hf_rows: torch.Tensor, key: str, model_cfg, seed: int, std: float,
+                      rows: Optional[slice] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows ``rows`` (default all) of the ``[model.vocab, h]`` matrix in ``dtype``: copied rows,
+    seeded image-code rows, zero padding. A rank builds only its own rows, never the whole
+    matrix in fp32; each value is rounded to ``dtype`` once, so every layout writes the same bytes."""
+    first, stop, _ = (rows or slice(None)).indices(model_cfg.vocab)
+    hf_count, hidden = hf_rows.shape
+    out = torch.zeros(stop - first, hidden, dtype=dtype)
+    copied_stop = min(stop, hf_count)
+    if copied_stop > first:
+        out[:copied_stop - first] = hf_rows[first:copied_stop]
     image_end = model_cfg.text_vocab + model_cfg.num_image_codes
-    if rows < image_end:
+    fresh_first, fresh_stop = max(first, hf_count), min(stop, image_end)
+    if fresh_stop > fresh_first:  # image-code rows absent in the HF model
         generator = torch.Generator().manual_seed(seed + EMBEDDING_SEED_OFFSET[key])
         image = torch.randn(model_cfg.num_image_codes, hidden, generator=generator) * std
-        full[rows:image_end] = image[rows - model_cfg.text_vocab:]
-    return full
+        out[fresh_first - first:fresh_stop - first] = image[fresh_first - model_cfg.text_vocab:
+                                                            fresh_stop - model_cfg.text_vocab]
+    return out
 
 
 def local_targets(model_chunks, model_cfg, vocab_rows: int) -> List[Target]:
@@ -118,9 +127,11 @@ def fill_from_hf(targets: List[Target], hf: HFCheckpoint, model_cfg, seed: int, 
 def _fill(target: Target, loaded: Dict[str, torch.Tensor], model_cfg, seed: int, std: float) -> None:
     entry = target.entry
     full = entry.to_megatron([loaded[n] for n in entry.hf])
-    if entry.vocab:
-        full = expand_vocab_rows(full, entry.megatron, model_cfg, seed, std)
-    piece = full[target.region]
+    if entry.vocab:  # only this rank's rows are expanded
+        rows, columns = target.region
+        piece = expand_vocab_rows(full, entry.megatron, model_cfg, seed, std, rows, target.view.dtype)[:, columns]
+    else:
+        piece = full[target.region]
     if piece.shape != target.view.shape:
         raise ConversionError(wrong_shape(f"{entry.name} (local piece)", piece.shape, target.view.shape))
     with torch.no_grad():
@@ -132,21 +143,42 @@ def vocabulary_layout(model_cfg, vocabulary=None):
     return vocabulary.layout() if vocabulary is not None else model_cfg.vocabulary_layout
 
 
+def check_target(out_root: str, iteration: int) -> None:
+    """Refuse, before anything is built, a target that the save would refuse only after the whole
+    model was built and filled: a root under a file, one we cannot write, or an iteration published there."""
+    from megatron_uni.checkpoint import METADATA, _newer_than_latest, iteration_dir_name  # save's own rule
+
+    existing = os.path.abspath(out_root)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConversionError(f"{out_root}: cannot write a checkpoint there, {existing} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ConversionError(f"{out_root}: cannot write a checkpoint there, {existing} is not writable")
+    iter_dir = os.path.join(out_root, iteration_dir_name(iteration))
+    if os.path.isfile(os.path.join(iter_dir, METADATA)) and not _newer_than_latest(out_root, iteration):
+        raise ConversionError(f"{iter_dir} already holds a published checkpoint; import into another root "
+                              f"or --iteration, or remove it first")
+
+
 def import_hf(hf_dir: str, model_cfg, parallel, out_root: str, seed: int = 1234,
               image_init_std: Optional[float] = None, iteration: int = 0, vocabulary=None,
               progress: bool = True) -> str:
     """Collective on all ranks (process groups already initialised at ``parallel``).
 
+    The model is built without initialisation (every weight is then filled from the HF tensors or
+    the seeded vocabulary rows), so a rank holds one copy of its shard, not a random one first.
     Returns the written iteration directory.
     """
     from megatron_uni.checkpoint import save_checkpoint
     from megatron_uni.model.builder import build_model_chunks
 
+    check_target(out_root, iteration)
     hf = HFCheckpoint(hf_dir)
     vocab_rows = check_hf_config(read_json(f"{hf_dir}/{CONFIG_FILE}"), model_cfg, f"{hf_dir}/{CONFIG_FILE}")
     check_hf_tensors(hf, model_cfg, vocab_rows)
     std = model_cfg.init_method_std if image_init_std is None else image_init_std
-    chunks = build_model_chunks(model_cfg, parallel)
+    chunks = build_model_chunks(model_cfg, parallel, initialize=False)
     fill_from_hf(local_targets(chunks, model_cfg, vocab_rows), hf, model_cfg, seed, std, progress)
     converted_from = {"hf_vocab_rows": vocab_rows, "image_init_std": std, "image_init_seed": seed}
     return save_checkpoint(out_root, iteration, chunks, model_cfg, vocabulary_layout(model_cfg, vocabulary),

@@ -14,15 +14,18 @@ from megatron_uni.model.transformer_config import build_transformer_config, use_
 
 
 def build_model(model_cfg: ModelConfig, parallel: Optional[ParallelConfig] = None,
-                vp_stage: Optional[int] = None, core_attention=None) -> UniGPTModel:
+                vp_stage: Optional[int] = None, core_attention=None, initialize: bool = True) -> UniGPTModel:
     """One model chunk for this rank (pipeline stage / virtual stage ``vp_stage``).
 
     Forward: ``model(input_ids, position_ids, attention_mask)`` with a bool ``[b,1,s,s]`` mask
     (True = masked out) gives logits ``[b, s, vocab]``; with ``labels=`` it gives per-token
-    vocab-parallel cross-entropy ``[b, s]``.
+    vocab-parallel cross-entropy ``[b, s]``. ``initialize=False`` leaves the weights uninitialised
+    (allocated only), for a caller that fills every one of them and saves (the HF import). Not for
+    training: megatron then also skips tagging TP-split weights (``tensor_model_parallel``), which
+    grad-norm clipping reads; the sharded state dict, and so the checkpoint, is the same.
     """
     parallel = parallel or ParallelConfig()
-    config = build_transformer_config(model_cfg, parallel)
+    config = build_transformer_config(model_cfg, parallel, initialize)
     spec = decoder_block_spec(config, use_transformer_engine(model_cfg), vp_stage, core_attention)
     return UniGPTModel(
         config=config,
@@ -39,8 +42,8 @@ def build_model(model_cfg: ModelConfig, parallel: Optional[ParallelConfig] = Non
     )
 
 
-def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, core_attention=None) -> List[UniGPTModel]:
+def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, core_attention=None,
+                       initialize: bool = True) -> List[UniGPTModel]:
     """All chunks of this rank: one, or ``virtual_pipeline`` of them for interleaved PP."""
-    if parallel.virtual_pipeline is None:
-        return [build_model(model_cfg, parallel, None, core_attention)]
-    return [build_model(model_cfg, parallel, vp, core_attention) for vp in range(parallel.virtual_pipeline)]
+    stages = [None] if parallel.virtual_pipeline is None else range(parallel.virtual_pipeline)
+    return [build_model(model_cfg, parallel, vp, core_attention, initialize) for vp in stages]

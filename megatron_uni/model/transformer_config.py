@@ -53,7 +53,10 @@ def _moe_settings(model: ModelConfig) -> dict:
     )
 
 
-def build_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+def build_transformer_config(model: ModelConfig, parallel: ParallelConfig,
+                             initialize: bool = True) -> TransformerConfig:
+    """``initialize=False``: weights are allocated, never drawn (megatron's ``perform_initialization``),
+    for callers that overwrite every weight (the HF import); no full-size init buffer per weight."""
     te = use_transformer_engine(model)
     if model.moe_grouped_gemm and not te:
         raise ConfigError("model.moe_grouped_gemm=true needs TransformerEngine; set it false on CPU")
@@ -80,6 +83,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Tr
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=initialize,
         **parallel.megatron_kwargs(),
         sequence_parallel=parallel.sequence_parallel,
         # Interleaved PP: batched p2p over gloo pairs activations with grads wrongly when prev and
