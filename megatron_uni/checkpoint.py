@@ -116,7 +116,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
     iter_dir = os.path.join(root, iteration_dir_name(iteration))
     model_dir = os.path.join(iter_dir, MODEL_DIR)
     if _rank() == 0:
-        if os.path.exists(os.path.join(iter_dir, METADATA)) and not _newer_than_latest(root, iteration):
+        if is_published(root, iteration):
             raise CheckpointError(f"{iter_dir} already holds a published checkpoint; refusing to overwrite")
         if os.path.isdir(iter_dir):  # a crashed save of this iteration, killed before 'latest' named it
             import shutil
@@ -140,14 +140,17 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
     return iter_dir
 
 
-def _newer_than_latest(root: str, iteration: int) -> bool:
-    """True when ``latest`` does not name ``iteration`` or a later one: an iter dir past it was never
-    published (a kill between its metadata.json and ``latest``), so a resumed run may redo it."""
+def is_published(root: str, iteration: int) -> bool:
+    """True when ``iteration`` under ``root`` is complete and ``latest`` names it or a later one.
+    An iteration past ``latest`` was never published (a kill between its metadata.json and
+    ``latest``): it is garbage that a resumed run redoes, never a checkpoint to protect."""
+    if not os.path.isfile(os.path.join(root, iteration_dir_name(iteration), METADATA)):
+        return False
     latest = os.path.join(root, LATEST)
     if not os.path.isfile(latest):
-        return True
+        return False
     named = _ITER_RE.match(open(latest).read().strip())
-    return named is not None and iteration > int(named.group(1))
+    return named is None or iteration <= int(named.group(1))
 
 
 def latest_iteration_dir(root: str) -> Optional[str]:

@@ -146,7 +146,7 @@ def vocabulary_layout(model_cfg, vocabulary=None):
 def check_target(out_root: str, iteration: int) -> None:
     """Refuse, before anything is built, a target that the save would refuse only after the whole
     model was built and filled: a root under a file, one we cannot write, or an iteration published there."""
-    from megatron_uni.checkpoint import METADATA, _newer_than_latest, iteration_dir_name  # save's own rule
+    from megatron_uni.checkpoint import is_published, iteration_dir_name  # the save's own rule
 
     existing = os.path.abspath(out_root)
     while not os.path.exists(existing):
@@ -155,8 +155,8 @@ def check_target(out_root: str, iteration: int) -> None:
         raise ConversionError(f"{out_root}: cannot write a checkpoint there, {existing} is not a folder")
     if not os.access(existing, os.W_OK):
         raise ConversionError(f"{out_root}: cannot write a checkpoint there, {existing} is not writable")
-    iter_dir = os.path.join(out_root, iteration_dir_name(iteration))
-    if os.path.isfile(os.path.join(iter_dir, METADATA)) and not _newer_than_latest(out_root, iteration):
+    if is_published(out_root, iteration):
+        iter_dir = os.path.join(out_root, iteration_dir_name(iteration))
         raise ConversionError(f"{iter_dir} already holds a published checkpoint; import into another root "
                               f"or --iteration, or remove it first")
 
