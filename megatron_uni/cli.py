@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_uni.checkpoint import CheckpointError
+
     try:
         return args.func(args)
     except ConfigError as err:
@@ -106,6 +108,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except FileNotFoundError as err:  # a recipe pointing at data, tokenizer or checkpoint that is not there
         print(f"megatron-uni: {err}", file=sys.stderr)
+        return 2
+    except CheckpointError as err:  # e.g. a resume under a layout the optimizer state cannot take
+        print(f"megatron-uni: checkpoint error: {err}", file=sys.stderr)
         return 2
 
 

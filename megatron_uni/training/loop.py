@@ -29,6 +29,7 @@ from megatron_uni.model.builder import build_model_chunks
 from megatron_uni.platform.cpu import cpu_optimizer_scope
 from megatron_uni.platform.distributed import init_distributed, is_rank0
 from megatron_uni.training.optim import build_optimizer, build_scheduler
+from megatron_uni.training.optimizer_state import allocate_adam_state, check_resume_layout, restore_adam_step
 from megatron_uni.training.step import make_forward_step
 
 log = logging.getLogger("megatron_uni.train")
@@ -115,6 +116,8 @@ def _optimizer_sharded(state: TrainState, is_loading: bool = False) -> Dict:
     first: without it a fresh optimizer offers no tensors to load into and resumes from zero
     moments without any error."""
     model_sd = checkpoint.model_sharded_state_dict(state.model)
+    if is_loading:
+        allocate_adam_state(state.optimizer)
     with cpu_optimizer_scope():
         return {"optimizer": state.optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})}
@@ -134,11 +137,15 @@ def load(state: TrainState, path: str, finetune: bool = False) -> None:
         checkpoint.load_checkpoint(path, state.model, state.cfg.model)
         return
     metadata = checkpoint.read_metadata(path)
-    extra = _optimizer_sharded(state, is_loading=True) if "optimizer" in metadata.get("extra_keys", []) else None
+    has_optimizer = "optimizer" in metadata.get("extra_keys", [])
+    if has_optimizer:
+        check_resume_layout(metadata.get("parallel"), state.cfg.parallel, checkpoint.resolve_iteration_dir(path))
+    extra = _optimizer_sharded(state, is_loading=True) if has_optimizer else None
     metadata = checkpoint.load_checkpoint(path, state.model, state.cfg.model, extra_sharded=extra)
     if extra:
         with torch.no_grad(), cpu_optimizer_scope():
             state.optimizer.load_state_dict(metadata["loaded_extra"]["optimizer"])
+            restore_adam_step(state.optimizer)
     if metadata.get("scheduler"):
         state.scheduler.load_state_dict(metadata["scheduler"])
     state.iteration = metadata["iteration"]
