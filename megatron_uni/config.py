@@ -129,6 +129,7 @@ class DiffusionSection:
     prefix_aware: bool = False
     mask_noise_std: float = 0.0            # Gaussian noise on mask-token embeddings ...
     mask_noise_steps: int = 0              # ... for the first N steps (LLaDA2 stability fix)
+    confidence_beta: float = 0.0           # >0: add beta x the CAP confidence term (docs/diffusion.md)
 
 
 @dataclasses.dataclass

@@ -171,7 +171,7 @@ def _microbatch_iterators(state: TrainState, make_microbatch: MicrobatchFn) -> L
     return [iterator() for _ in state.model]
 
 
-def _global_losses(reports: Sequence[Dict]) -> Dict[str, float]:
+def _global_losses(reports: Sequence[Dict], confidence_beta: float = 0.0) -> Dict[str, float]:
     """This step's loss (and text/image split) over all micro-batches and DP ranks, on every rank.
 
     Only the last pipeline stage has reports, and TP ranks hold copies: rank (tp 0, last stage)
@@ -186,7 +186,7 @@ def _global_losses(reports: Sequence[Dict]) -> Dict[str, float]:
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     sums = LossSums.from_stacked(total)
-    losses = {k: float(v) for k, v in combine(sums).items()}
+    losses = {k: float(v) for k, v in combine(sums, confidence_beta).items()}
     for split in ("text", "image"):
         if float(getattr(sums, f"{split}_weight")) == 0.0:
             losses[f"{split}_loss"] = float("nan")  # no such targets in this step: not a zero loss
@@ -201,7 +201,7 @@ def train_step(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int
     forward_backward = get_forward_backward_func()
     iterators = _microbatch_iterators(state, make_microbatch)
     reports = forward_backward(
-        forward_step_func=make_forward_step(cfg.diffusion.weighting),
+        forward_step_func=make_forward_step(cfg.diffusion.weighting, cfg.diffusion.confidence_beta),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=state.model,
         num_microbatches=num_microbatches(cfg),
@@ -213,7 +213,7 @@ def train_step(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int
         update_ok, grad_norm, _ = state.optimizer.step()
     state.scheduler.step(increment=1)
     state.iteration += 1
-    return {**_global_losses(reports), "grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok),
+    return {**_global_losses(reports, cfg.diffusion.confidence_beta), "grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok),
             "lr": state.optimizer.param_groups[0]["lr"]}
 
 

@@ -13,6 +13,7 @@ import torch
 
 from megatron_uni.diffusion.inputs import DiffusionInputs
 from megatron_uni.diffusion.losses import loss_sums, schedule_loss
+from megatron_uni.training.confidence import confidence_loss_func
 
 
 def loss_func(inputs: DiffusionInputs, weighting: str, per_token_ce: torch.Tensor):
@@ -22,9 +23,12 @@ def loss_func(inputs: DiffusionInputs, weighting: str, per_token_ce: torch.Tenso
     return schedule_loss(loss_sums(per_token_ce, inputs), weighting)
 
 
-def make_forward_step(weighting: str):
+def make_forward_step(weighting: str, confidence_beta: float = 0.0):
     def forward_step(data_iterator, model):
         inputs: DiffusionInputs = next(data_iterator)
+        if confidence_beta:  # CAP needs the logits, not megatron's per-token CE
+            logits = model(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
+            return logits, partial(confidence_loss_func, inputs, weighting, confidence_beta)
         output = model(inputs.input_ids, inputs.position_ids, inputs.attention_mask, labels=inputs.model_labels)
         return output, partial(loss_func, inputs, weighting)
 
