@@ -60,10 +60,12 @@ def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> Dict[st
 def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.Module], model_config: Any,
                     vocabulary: Optional[dict], parallel_layout: Any,
                     extra_sharded: Optional[Dict[str, Any]] = None,
-                    extra_metadata: Optional[Dict[str, Any]] = None) -> str:
+                    extra_metadata: Optional[Dict[str, Any]] = None, keep_last: int = 0) -> str:
     """Save the model (and ``extra_sharded`` items, e.g. the optimizer) collectively on all ranks.
 
     ``model_config`` / ``parallel_layout`` may be dataclasses or dicts. Returns the iteration dir.
+    ``keep_last`` > 0: after ``latest`` names the new iteration, older ones beyond the newest
+    ``keep_last`` are deleted (:func:`prune_iterations`).
     """
     from megatron.core import dist_checkpointing
 
@@ -96,8 +98,24 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
         }
         atomic_write_text(os.path.join(iter_dir, METADATA), json.dumps(metadata, indent=2, sort_keys=True))
         atomic_write_text(os.path.join(root, LATEST), iteration_dir_name(iteration) + "\n")
+        if keep_last > 0:
+            prune_iterations(root, keep_last)
     _barrier()
     return iter_dir
+
+
+def prune_iterations(root: str, keep_last: int) -> List[str]:
+    """Delete all but the newest ``keep_last`` iteration dirs of ``root``; never the one ``latest``
+    names. Returns the deleted paths. Call only after ``latest`` was published."""
+    import shutil
+
+    latest = latest_iteration_dir(root)
+    iterations = sorted(name for name in os.listdir(root) if _ITER_RE.match(name))
+    doomed = [os.path.join(root, name) for name in iterations[:-keep_last]]
+    doomed = [path for path in doomed if latest is None or os.path.abspath(path) != os.path.abspath(latest)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def _as_dict(obj: Any) -> Any:

@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_uni.checkpoint import CheckpointError
+    from megatron_uni.training.nonfinite import TrainingAborted
 
     try:
         return args.func(args)
@@ -112,6 +113,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CheckpointError as err:  # e.g. a resume under a layout the optimizer state cannot take
         print(f"megatron-uni: checkpoint error: {err}", file=sys.stderr)
         return 2
+    except TrainingAborted as err:
+        print(f"megatron-uni: training aborted: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 
 from megatron_uni.diffusion.inputs import DiffusionInputs
 from megatron_uni.diffusion.losses import ce_and_confidence, loss_sums, schedule_loss
+from megatron_uni.training.metrics import token_stats
 
 
 def confidence_loss_func(inputs: DiffusionInputs, weighting: str, confidence_beta: float, logits: torch.Tensor):
@@ -27,4 +28,5 @@ def confidence_loss_func(inputs: DiffusionInputs, weighting: str, confidence_bet
     sums = loss_sums(ce, inputs, confidence)
     loss_sum, count, report = schedule_loss(sums, weighting)
     cap_mean = sums.confidence / sums.confidence_count.clamp_min(1)
+    report = {**report, "tokens": token_stats(ce, inputs)}
     return loss_sum + confidence_beta * cap_mean * count.to(cap_mean.dtype), count, report

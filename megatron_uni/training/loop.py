@@ -29,6 +29,9 @@ from megatron_uni.model.builder import build_model_chunks
 from megatron_uni.platform.cpu import cpu_optimizer_scope
 from megatron_uni.platform.distributed import init_distributed, is_rank0
 from megatron_uni.training.optim import build_optimizer, build_scheduler
+from megatron_uni.training.expert_balance import ExpertBalance
+from megatron_uni.training.metrics import MetricsLogger, global_token_stats, run_dir_of
+from megatron_uni.training.nonfinite import SkipCounter
 from megatron_uni.training.optimizer_state import allocate_adam_state, check_resume_layout, restore_adam_step
 from megatron_uni.training.step import make_forward_step
 
@@ -45,6 +48,8 @@ class TrainState:
     optimizer: object
     scheduler: object
     iteration: int = 0
+    balance: Optional[ExpertBalance] = None
+    skips: Optional[SkipCounter] = None
 
 
 class _StopFlag:
@@ -96,7 +101,12 @@ def setup(cfg: Config, mask_id: Optional[int] = None) -> TrainState:
     chunks = wrap_ddp(cfg, chunks)
     optimizer = build_optimizer(cfg, chunks)
     scheduler = build_scheduler(cfg, optimizer)
-    state = TrainState(cfg=cfg, model=chunks, optimizer=optimizer, scheduler=scheduler)
+    state = TrainState(cfg=cfg, model=chunks, optimizer=optimizer, scheduler=scheduler,
+                       balance=ExpertBalance(chunks, cfg.model.moe_router_bias_update_rate,
+                                             cfg.model.moe_router_bias_zero_mean),
+                       skips=SkipCounter(cfg.optimizer.max_consecutive_skips))
+    # our bias update (after the optimizer step, skipped with it) replaces megatron's in finalize
+    first_chunk.config.finalize_model_grads_func = state.balance.finalize_model_grads
     if cfg.diffusion.mask_noise_steps and mask_id is not None and first_chunk.pre_process:
         sp_rank = parallel_state.get_tensor_model_parallel_rank() if cfg.parallel.sequence_parallel else 0
         hook = mask_embedding_noise_hook(mask_id, cfg.diffusion.mask_noise_std, cfg.diffusion.mask_noise_steps,
@@ -129,6 +139,7 @@ def save(state: TrainState, vocabulary: Optional[dict] = None) -> str:
         cfg.checkpoint.save, state.iteration, state.model, cfg.model, vocabulary, cfg.parallel,
         extra_sharded=_optimizer_sharded(state),
         extra_metadata={"scheduler": state.scheduler.state_dict(), "config": cfg.to_dict()},
+        keep_last=cfg.checkpoint.keep_last,
     )
 
 
@@ -171,6 +182,11 @@ def _microbatch_iterators(state: TrainState, make_microbatch: MicrobatchFn) -> L
     return [iterator() for _ in state.model]
 
 
+def _reports_contribute() -> bool:
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+        parallel_state.get_tensor_model_parallel_rank() == 0
+
+
 def _global_losses(reports: Sequence[Dict], confidence_beta: float = 0.0) -> Dict[str, float]:
     """This step's loss (and text/image split) over all micro-batches and DP ranks, on every rank.
 
@@ -178,11 +194,9 @@ def _global_losses(reports: Sequence[Dict], confidence_beta: float = 0.0) -> Dic
     of each DP replica contributes its sums and one all-reduce over the world adds them up.
     """
     total = torch.zeros(len(LossSums.__dataclass_fields__))
-    contributes = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
-        parallel_state.get_tensor_model_parallel_rank() == 0
-    if contributes:
+    if _reports_contribute():
         for report in reports:
-            total += report["diffusion"].float()
+            total += report["diffusion"].float().to(total.device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     sums = LossSums.from_stacked(total)
@@ -209,30 +223,38 @@ def train_step(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int
         micro_batch_size=cfg.data.micro_batch_size,
         forward_only=False,
     )
-    with cpu_optimizer_scope():
-        update_ok, grad_norm, _ = state.optimizer.step()
-    state.scheduler.step(increment=1)
+    losses = _global_losses(reports, cfg.diffusion.confidence_beta)
+    skip = state.skips is not None and state.skips.should_skip(losses["loss"], state.model)
+    update_ok, grad_norm = False, float("nan")
+    if not skip:
+        with cpu_optimizer_scope():
+            update_ok, grad_norm, _ = state.optimizer.step()
+    if update_ok:  # megatron-LM: the LR schedule advances with applied updates only
+        state.scheduler.step(increment=1)
+    expert_load = state.balance.after_step(bool(update_ok)) if state.balance else None
     state.iteration += 1
-    return {**_global_losses(reports, cfg.diffusion.confidence_beta), "grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok),
-            "lr": state.optimizer.param_groups[0]["lr"]}
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4f}" if value == value else "  -   "  # NaN: no such targets in this step
+    if state.skips is not None:
+        state.skips.update(not update_ok, state.iteration)
+    return {**losses, **global_token_stats(reports, _reports_contribute()),
+            "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "update_ok": bool(update_ok),
+            "lr": state.optimizer.param_groups[0]["lr"], "expert_load": expert_load,
+            "skipped_steps": state.skips.total if state.skips else 0}
 
 
 def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
         vocabulary: Optional[dict] = None, log_fn: Callable[[str], None] = print) -> TrainState:
     cfg = state.cfg
     stop = _StopFlag()
+    logger = MetricsLogger(run_dir_of(cfg.logging.run_dir, cfg.checkpoint.save) if is_rank0() else None,
+                           cfg.model, cfg.data.seq_length, cfg.data.block_size, cfg.data.global_batch_size,
+                           cfg.parallel.world_size or 1, cfg.schedule.train_iters, state.iteration)
     while state.iteration < cfg.schedule.train_iters:
         start = time.perf_counter()
         metrics = train_step(state, make_microbatch, seq_length)
+        record = logger.record(state.iteration, metrics, time.perf_counter() - start)
         if is_rank0() and state.iteration % cfg.logging.log_interval == 0:
-            log_fn(f"iter {state.iteration:6d}/{cfg.schedule.train_iters} | loss {metrics['loss']:.4f} | "
-                   f"text {_fmt(metrics['text_loss'])} | image {_fmt(metrics['image_loss'])} | "
-                   f"lr {metrics['lr']:.3e} | grad_norm {metrics['grad_norm']:.3f} | "
-                   f"{time.perf_counter() - start:.2f} s")
+            logger.write(record)
+            log_fn(logger.console_line(record))
         interval = cfg.checkpoint.save_interval
         due = cfg.checkpoint.save and interval and state.iteration % interval == 0
         exit_now = cfg.schedule.exit_interval and state.iteration % cfg.schedule.exit_interval == 0
@@ -242,6 +264,7 @@ def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
                 if is_rank0():
                     reason = "exit interval reached" if exit_now else "signal received"
                     log_fn(f"{reason}: saved {path}, exiting")
+            logger.close()
             return state
         if due:
             save(state, vocabulary)
@@ -251,4 +274,5 @@ def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
             path = save(state, vocabulary)
         if is_rank0():
             log_fn(f"final checkpoint: {path}")
+    logger.close()
     return state
