@@ -36,8 +36,8 @@ def test_zero_mean_update_keeps_the_mean_bias_at_zero_and_the_plain_rule_drifts(
 
 
 def test_expert_load_report():
-    load = expert_load(torch.tensor([[10.0, 10.0, 10.0, 10.0], [37.0, 1.0, 1.0, 1.0]]))
-    assert load["max_over_mean"] == pytest.approx([1.0, 37.0 / 10.0])
+    load = expert_load(torch.tensor([[10.0, 10.0, 10.0, 10.0], [40.0, 0.0, 0.0, 0.0]]))
+    assert load["max_over_mean"] == pytest.approx([1.0, 4.0])
     assert load["starved_fraction"] == [0.0, 0.75]
 
 
@@ -77,7 +77,6 @@ def _snapshot(state):
     params = [p.detach().clone() for chunk in state.model for p in chunk.parameters()]
     members = getattr(state.optimizer, "chained_optimizers", [state.optimizer])
     adam = [s["exp_avg"].clone() for member in members for s in member.optimizer.state.values()]
-    assert adam, "no Adam state to compare"
     return {"bias": torch.stack([r.expert_bias.clone() for r in routers]), "params": params, "adam": adam,
             "lr": state.optimizer.param_groups[0]["lr"]}
 
@@ -135,7 +134,7 @@ def test_nan_step_is_skipped_and_counted(trained):
     before, after = snaps[2], snaps[3]                  # around iteration 2 (the NaN one)
     assert torch.equal(before["bias"], after["bias"]) and before["lr"] == after["lr"]
     assert all(torch.equal(a, b) for a, b in zip(before["params"], after["params"]))
-    assert all(torch.equal(a, b) for a, b in zip(before["adam"], after["adam"]))
+    assert before["adam"] and all(torch.equal(a, b) for a, b in zip(before["adam"], after["adam"]))
     assert not all(torch.equal(a, b) for a, b in zip(after["params"], snaps[4]["params"]))  # trains again
     assert not torch.equal(after["bias"], snaps[4]["bias"])
 
