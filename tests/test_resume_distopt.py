@@ -139,3 +139,20 @@ def test_distributed_optimizer_resumes_exactly(demo, tmp_path):
     errors = [torch.load(tmp_path / f"ep2.rank{r}.err") for r in range(2)]
     assert errors[0] == errors[1] and "\n" not in errors[0], errors
     assert "expert=1" in errors[0] and "expert=2" in errors[0] and "iter_0000002" in errors[0], errors[0]
+
+
+def test_layout_rule_allows_data_parallel_changes_only():
+    from megatron_uni.config import ParallelConfig
+    from megatron_uni.training.optimizer_state import ResumeLayoutError, check_resume_layout
+
+    saved = {"tensor": 1, "pipeline": 2, "virtual_pipeline": None, "context": 1, "expert": 1, "expert_tensor": 1,
+             "distributed_optimizer": True, "world_size": 4}
+    check_resume_layout(saved, ParallelConfig(pipeline=2, distributed_optimizer=True, world_size=8), "ckpt")
+    # the plain optimizer's state is keyed like the model's: any layout
+    check_resume_layout({**saved, "distributed_optimizer": False}, ParallelConfig(tensor=2), "ckpt")
+    for changed in (ParallelConfig(tensor=2, pipeline=2, distributed_optimizer=True),
+                    ParallelConfig(pipeline=1, distributed_optimizer=True),
+                    ParallelConfig(pipeline=2, distributed_optimizer=False)):
+        with pytest.raises(ResumeLayoutError, match=r"^ckpt: optimizer state saved under parallel layout \[tensor=1 "
+                                                    r"pipeline=2 .*\] cannot be resumed under \["):
+            check_resume_layout(saved, changed, "ckpt")
