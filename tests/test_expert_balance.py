@@ -142,3 +142,16 @@ def test_nan_step_is_skipped_and_counted(trained):
 def test_consecutive_nan_steps_abort(trained):
     assert "3 consecutive steps with a non-finite loss" in trained["aborted"]
     assert "\n" not in trained["aborted"]
+
+
+def test_cli_reports_an_abort_in_one_line_with_exit_code_3(monkeypatch, capsys):
+    from megatron_uni import cli
+    from megatron_uni.training.nonfinite import TrainingAborted
+
+    def abort(args):
+        raise TrainingAborted("iteration 7: 3 consecutive steps with a non-finite loss or gradient")
+
+    monkeypatch.setattr(cli, "cmd_info", abort)
+    assert cli.main(["info", "recipes/model/tiny.yaml"]) == 3
+    err = capsys.readouterr().err
+    assert err == "megatron-uni: training aborted: iteration 7: 3 consecutive steps with a non-finite loss or gradient\n"

@@ -3,6 +3,8 @@
     python tools/gpu_check.py                    # on a GPU machine (< 8 minutes on one GPU)
     python tools/gpu_check.py --device cpu       # smoke test of the script itself on CPU
 
+On the GPU leave TORCHDYNAMO_DISABLE unset: the compiled FlexAttention is part of what is checked.
+
 What it does, printing one table at the end:
 
 1. builds the tiny model (recipes/model/tiny.yaml) on the device (on GPU the block attention is
