@@ -105,11 +105,12 @@ def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> Dict[st
 
 def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.Module], model_config: ModelConfig,
                     vocabulary: Optional[VocabularyLayout], parallel_layout: ParallelConfig,
-                    extra_sharded: Optional[Dict[str, Any]] = None, **extras: Any) -> str:
+                    extra_sharded: Optional[Dict[str, Any]] = None, keep_last: int = 0, **extras: Any) -> str:
     """Save the model (and ``extra_sharded`` items, e.g. the optimizer) collectively on all ranks.
 
     ``extras`` fill the optional fields of :class:`CheckpointMetadata` (``scheduler``, ``config``,
-    ``converted_from``). Returns the iteration dir.
+    ``converted_from``). Returns the iteration dir. ``keep_last`` > 0: after ``latest`` names the
+    new iteration, older ones beyond the newest ``keep_last`` are deleted (:func:`prune_iterations`).
     """
     from megatron.core import dist_checkpointing
 
@@ -136,6 +137,8 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
             **extras)
         atomic_write_text(os.path.join(iter_dir, METADATA), metadata.to_json())
         atomic_write_text(os.path.join(root, LATEST), iteration_dir_name(iteration) + "\n")
+        if keep_last > 0:
+            prune_iterations(root, keep_last)
     _barrier()
     return iter_dir
 
@@ -151,6 +154,20 @@ def is_published(root: str, iteration: int) -> bool:
         return False
     named = _ITER_RE.match(open(latest).read().strip())
     return named is None or iteration <= int(named.group(1))
+
+
+def prune_iterations(root: str, keep_last: int) -> List[str]:
+    """Delete all but the newest ``keep_last`` iteration dirs of ``root``; never the one ``latest``
+    names. Returns the deleted paths. Call only after ``latest`` was published."""
+    import shutil
+
+    latest = latest_iteration_dir(root)
+    iterations = sorted(name for name in os.listdir(root) if _ITER_RE.match(name))
+    doomed = [os.path.join(root, name) for name in iterations[:-keep_last]]
+    doomed = [path for path in doomed if latest is None or os.path.abspath(path) != os.path.abspath(latest)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def latest_iteration_dir(root: str) -> Optional[str]:

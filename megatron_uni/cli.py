@@ -108,6 +108,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return generate_main(argv[1:])
     args = build_parser().parse_args(argv)
+    from megatron_uni.checkpoint import CheckpointError
+    from megatron_uni.training.nonfinite import TrainingAborted
+
     try:
         return args.func(args)
     except ConfigError as err:
@@ -119,6 +122,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FileNotFoundError as err:  # a recipe pointing at data, tokenizer or checkpoint that is not there
         print(f"megatron-uni: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:  # e.g. a resume under a layout the optimizer state cannot take
+        print(f"megatron-uni: checkpoint error: {err}", file=sys.stderr)
+        return 2
+    except TrainingAborted as err:
+        print(f"megatron-uni: training aborted: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ class ModelConfig:
     # ---- family constants and switches ----
     moe_router_topk_scaling_factor: float = 2.5
     moe_router_bias_update_rate: float = 1e-3
+    moe_router_bias_zero_mean: bool = True  # Ling-V2's zero-mean bias update (training/expert_balance.py)
     moe_z_loss_coeff: Optional[float] = None
     moe_token_dispatcher_type: Dispatcher = "alltoall"
     moe_grouped_gemm: bool = False         # TE grouped GEMM experts (GPU only)
@@ -163,6 +164,7 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    max_consecutive_skips: int = 10        # non-finite steps in a row that abort the run (0: never)
 
 
 @dataclasses.dataclass
@@ -193,6 +195,7 @@ class DiffusionConfig:
     prefix_aware: bool = False
     mask_noise_std: float = 0.0            # Gaussian noise on mask-token embeddings ...
     mask_noise_steps: int = 0              # ... for the first N steps (LLaDA2 stability fix)
+    confidence_beta: float = 0.0           # >0: add beta x the CAP confidence term (docs/diffusion.md)
 
     def __post_init__(self) -> None:
         validate_diffusion(self)
@@ -204,12 +207,14 @@ class CheckpointConfig:
     load: Optional[str] = None
     save_interval: int = 0                 # 0: save only at the end
     finetune: bool = False                 # load model weights only, reset iteration/optimizer
+    keep_last: int = 0                     # >0: keep only the newest K iterations (never the one `latest` names)
 
 
 @dataclasses.dataclass
 class LoggingConfig:
     log_interval: int = 1
     level: LogLevel = "INFO"
+    run_dir: Optional[str] = None          # metrics.jsonl (+ tensorboard/) here; default: checkpoint.save's parent
 
 
 @dataclasses.dataclass

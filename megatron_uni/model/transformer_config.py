@@ -94,6 +94,10 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         recompute_method="uniform" if model.recompute_granularity == "full" else None,
         recompute_num_layers=1 if model.recompute_granularity == "full" else None,
         recompute_modules=model.recompute_modules,
+        # Our losses are sums divided by one global token count (diffusion/losses.py). Set here,
+        # not after the build: the MoE router copies it at construction and scales its z-loss by
+        # the local token count only when it is on (else the z-loss gradient is ~tokens x too small).
+        calculate_per_token_loss=True,
         **_moe_settings(model),
         **_fp8_settings(model, te),
     )

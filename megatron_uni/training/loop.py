@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import signal
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -28,10 +28,14 @@ from megatron_uni.diffusion.losses import LossReport, LossSums, combine, reduce_
 from megatron_uni.model.block_attention import block_attention_spec
 from megatron_uni.model.builder import build_model_chunks
 from megatron_uni.model.embedding_noise import mask_embedding_noise_hook
-from megatron_uni.platform.cpu import allocate_adam_state_for_loading, cpu_optimizer_scope, restore_adam_steps
+from megatron_uni.platform.cpu import cpu_optimizer_scope
 from megatron_uni.platform.distributed import init_distributed, is_rank0
 from megatron_uni.tokens import VocabularyLayout
+from megatron_uni.training.expert_balance import ExpertBalance
+from megatron_uni.training.metrics import MetricsLogger, global_token_stats, run_dir_of
+from megatron_uni.training.nonfinite import SkipCounter
 from megatron_uni.training.optim import build_optimizer, build_scheduler
+from megatron_uni.training.optimizer_state import allocate_adam_state, check_resume_layout, restore_adam_step
 from megatron_uni.training.step import make_forward_step
 
 log = logging.getLogger("megatron_uni.train")
@@ -48,6 +52,8 @@ class TrainState:
     scheduler: object
     vocabulary: Optional[VocabularyLayout] = None   # recorded in every checkpoint; its mask id feeds the noise hook
     iteration: int = 0
+    balance: Optional[ExpertBalance] = None
+    skips: Optional[SkipCounter] = None
 
 
 @dataclasses.dataclass
@@ -55,9 +61,18 @@ class StepMetrics:
     """One optimizer step: the global losses (floats; NaN for a split without targets) and the update."""
 
     losses: LossReport
-    grad_norm: float
+    grad_norm: float                      # NaN when the update was skipped
     update_ok: bool
     lr: float
+    tokens: Dict[str, float] = dataclasses.field(default_factory=dict)  # metrics.global_token_stats
+    expert_load: Optional[Dict[str, Any]] = None                        # ExpertBalance.after_step
+    skipped_steps: int = 0
+
+    def as_record(self) -> Dict[str, Any]:
+        """The flat dict ``metrics.MetricsLogger.record`` writes (one JSON object per step)."""
+        losses = {f.name: float(getattr(self.losses, f.name)) for f in dataclasses.fields(self.losses)}
+        return {**losses, **self.tokens, "grad_norm": self.grad_norm, "update_ok": self.update_ok, "lr": self.lr,
+                "expert_load": self.expert_load, "skipped_steps": self.skipped_steps}
 
 
 class _StopFlag:
@@ -109,7 +124,12 @@ def setup(cfg: Config, vocabulary: Optional[VocabularyLayout] = None) -> TrainSt
     chunks = wrap_ddp(cfg, chunks)
     optimizer = build_optimizer(cfg, chunks)
     scheduler = build_scheduler(cfg, optimizer)
-    state = TrainState(cfg=cfg, model=chunks, optimizer=optimizer, scheduler=scheduler, vocabulary=vocabulary)
+    state = TrainState(cfg=cfg, model=chunks, optimizer=optimizer, scheduler=scheduler, vocabulary=vocabulary,
+                       balance=ExpertBalance(chunks, cfg.model.moe_router_bias_update_rate,
+                                             cfg.model.moe_router_bias_zero_mean),
+                       skips=SkipCounter(cfg.optimizer.max_consecutive_skips))
+    # our bias update (after the optimizer step, skipped with it) replaces megatron's in finalize
+    first_chunk.config.finalize_model_grads_func = state.balance.finalize_model_grads
     if cfg.diffusion.mask_noise_steps and vocabulary is not None and first_chunk.pre_process:
         sp_rank = parallel_state.get_tensor_model_parallel_rank() if cfg.parallel.sequence_parallel else 0
         diffusion = cfg.diffusion
@@ -131,7 +151,7 @@ def _optimizer_sharded(state: TrainState, is_loading: bool = False) -> Dict:
     moments without any error."""
     model_sd = checkpoint.model_sharded_state_dict(state.model)
     if is_loading:
-        allocate_adam_state_for_loading(state.optimizer)
+        allocate_adam_state(state.optimizer)
     with cpu_optimizer_scope():
         return {"optimizer": state.optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})}
@@ -142,6 +162,7 @@ def save(state: TrainState) -> str:
     return checkpoint.save_checkpoint(
         cfg.checkpoint.save, state.iteration, state.model, cfg.model, state.vocabulary, cfg.parallel,
         extra_sharded=_optimizer_sharded(state), scheduler=state.scheduler.state_dict(), config=cfg.to_dict(),
+        keep_last=cfg.checkpoint.keep_last,
     )
 
 
@@ -150,12 +171,15 @@ def load(state: TrainState, path: str, finetune: bool = False) -> None:
         checkpoint.load_checkpoint(path, state.model, state.cfg.model)
         return
     saved = checkpoint.read_metadata(path)
-    extra = _optimizer_sharded(state, is_loading=True) if "optimizer" in saved.extra_keys else None
+    has_optimizer = "optimizer" in saved.extra_keys
+    if has_optimizer:
+        check_resume_layout(saved.parallel, state.cfg.parallel, saved.iteration_dir)
+    extra = _optimizer_sharded(state, is_loading=True) if has_optimizer else None
     metadata, loaded = checkpoint.load_checkpoint(path, state.model, state.cfg.model, extra_sharded=extra)
     if extra:
         with torch.no_grad(), cpu_optimizer_scope():
             state.optimizer.load_state_dict(loaded["optimizer"])
-        restore_adam_steps(state.optimizer)
+            restore_adam_step(state.optimizer)
     if metadata.scheduler:
         state.scheduler.load_state_dict(metadata.scheduler)
     state.iteration = metadata.iteration
@@ -181,6 +205,11 @@ def _microbatch_iterators(state: TrainState, make_microbatch: MicrobatchFn) -> L
     return [iterator() for _ in state.model]
 
 
+def _reports_contribute() -> bool:
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+        parallel_state.get_tensor_model_parallel_rank() == 0
+
+
 def global_loss_sums(reports: Sequence[Dict[str, LossSums]]) -> LossSums:
     """This step's loss sums over all micro-batches and DP ranks, on every rank, from the reports
     of megatron's forward-backward schedule.
@@ -188,15 +217,13 @@ def global_loss_sums(reports: Sequence[Dict[str, LossSums]]) -> LossSums:
     Only the last pipeline stage has reports, and TP ranks hold copies: rank (tp 0, last stage)
     of each DP replica contributes its sums and one all-reduce over the world adds them up.
     """
-    contributes = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
-        parallel_state.get_tensor_model_parallel_rank() == 0
-    return reduce_sums([report["diffusion"] for report in reports], contributes=contributes)
+    return reduce_sums([report["diffusion"] for report in reports], contributes=_reports_contribute())
 
 
-def step_losses(reports: Sequence[Dict[str, LossSums]]) -> LossReport:
+def step_losses(reports: Sequence[Dict[str, LossSums]], confidence_beta: float = 0.0) -> LossReport:
     """The step's global losses as floats; a split without targets in this step is NaN, not 0."""
     sums = global_loss_sums(reports)
-    report = combine(sums)
+    report = combine(sums, confidence_beta)
     losses = {f.name: float(getattr(report, f.name)) for f in dataclasses.fields(report)}
     for split in ("text", "image"):
         if float(getattr(sums, f"{split}_weight")) == 0.0:
@@ -212,7 +239,7 @@ def train_step(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int
     forward_backward = get_forward_backward_func()
     iterators = _microbatch_iterators(state, make_microbatch)
     reports = forward_backward(
-        forward_step_func=make_forward_step(cfg.diffusion.weighting),
+        forward_step_func=make_forward_step(cfg.diffusion.weighting, cfg.diffusion.confidence_beta),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=state.model,
         num_microbatches=num_microbatches(cfg),
@@ -220,31 +247,38 @@ def train_step(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int
         micro_batch_size=cfg.data.micro_batch_size,
         forward_only=False,
     )
-    with cpu_optimizer_scope():
-        update_ok, grad_norm, _ = state.optimizer.step()
-    state.scheduler.step(increment=1)
+    losses = step_losses(reports, cfg.diffusion.confidence_beta)
+    skip = state.skips is not None and state.skips.should_skip(losses.loss, state.model)
+    update_ok, grad_norm = False, float("nan")
+    if not skip:
+        with cpu_optimizer_scope():
+            update_ok, grad_norm, _ = state.optimizer.step()
+    if update_ok:  # megatron-LM: the LR schedule advances with applied updates only
+        state.scheduler.step(increment=1)
+    expert_load = state.balance.after_step(bool(update_ok)) if state.balance else None
     state.iteration += 1
-    return StepMetrics(losses=step_losses(reports), grad_norm=float(grad_norm or 0.0), update_ok=bool(update_ok),
-                       lr=state.optimizer.param_groups[0]["lr"])
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4f}" if value == value else "  -   "  # NaN: no such targets in this step
+    if state.skips is not None:
+        state.skips.update(not update_ok, state.iteration)
+    return StepMetrics(losses=losses, grad_norm=float("nan") if grad_norm is None else float(grad_norm),
+                       update_ok=bool(update_ok), lr=state.optimizer.param_groups[0]["lr"],
+                       tokens=global_token_stats(reports, _reports_contribute()), expert_load=expert_load,
+                       skipped_steps=state.skips.total if state.skips else 0)
 
 
 def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
         log_fn: Callable[[str], None] = print) -> TrainState:
     cfg = state.cfg
     stop = _StopFlag()
+    logger = MetricsLogger(run_dir_of(cfg.logging.run_dir, cfg.checkpoint.save) if is_rank0() else None,
+                           cfg.model, cfg.data.seq_length, cfg.data.block_size, cfg.data.global_batch_size,
+                           cfg.parallel.world_size or 1, cfg.schedule.train_iters, state.iteration)
     while state.iteration < cfg.schedule.train_iters:
         start = time.perf_counter()
         metrics = train_step(state, make_microbatch, seq_length)
+        record = logger.record(state.iteration, metrics.as_record(), time.perf_counter() - start)
         if is_rank0() and state.iteration % cfg.logging.log_interval == 0:
-            losses = metrics.losses
-            log_fn(f"iter {state.iteration:6d}/{cfg.schedule.train_iters} | loss {losses.loss:.4f} | "
-                   f"text {_fmt(losses.text_loss)} | image {_fmt(losses.image_loss)} | "
-                   f"lr {metrics.lr:.3e} | grad_norm {metrics.grad_norm:.3f} | "
-                   f"{time.perf_counter() - start:.2f} s")
+            logger.write(record)
+            log_fn(logger.console_line(record))
         interval = cfg.checkpoint.save_interval
         due = cfg.checkpoint.save and interval and state.iteration % interval == 0
         exit_now = cfg.schedule.exit_interval and state.iteration % cfg.schedule.exit_interval == 0
@@ -254,6 +288,7 @@ def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
                 if is_rank0():
                     reason = "exit interval reached" if exit_now else "signal received"
                     log_fn(f"{reason}: saved {path}, exiting")
+            logger.close()
             return state
         if due:
             save(state)
@@ -263,4 +298,5 @@ def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
             path = save(state)
         if is_rank0():
             log_fn(f"final checkpoint: {path}")
+    logger.close()
     return state
