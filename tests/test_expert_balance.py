@@ -54,16 +54,16 @@ def test_keep_last_prunes_old_iterations_but_never_latest(tmp_path):
 # through the training step
 # ----------------------------------------------------------------------------------------------
 def _microbatches(nan_iterations):
-    from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs
-    from megatron_uni.diffusion.noising import NoiseConfig
-    from tests.diffusion_helpers import random_batch, tiny_vocab
+    from diffusion_helpers import random_batch, tiny_vocab
+    from megatron_uni.config import DiffusionConfig
+    from megatron_uni.diffusion.inputs import build_inputs
 
     vocab = tiny_vocab()
 
     def make(iteration, index, dp_rank, dp_size):
         gen = torch.Generator().manual_seed(1000 * iteration + index)
-        inputs = build_inputs(random_batch(gen, 2, 64, 8, vocab), vocab,
-                              DiffusionConfig(block_size=8, noise=NoiseConfig(0.3, 0.8)), gen)
+        inputs = build_inputs(random_batch(gen, 2, 64, 8, vocab), vocab, DiffusionConfig(t_min=0.3, t_max=0.8), gen,
+                              block_size=8)
         if iteration in nan_iterations:
             inputs = dataclasses.replace(inputs, loss_weights=inputs.loss_weights * float("nan"))
         return inputs

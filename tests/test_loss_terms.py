@@ -10,19 +10,15 @@
 import pytest
 import torch
 
-from megatron_uni.config import load_config
-from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs
+from megatron_uni.config import DiffusionConfig, load_config
+from megatron_uni.diffusion.inputs import build_inputs
 from megatron_uni.diffusion.losses import ce_and_confidence, combine, loss_sums
-from megatron_uni.diffusion.noising import NoiseConfig
-from megatron_uni.platform.distributed import init_single_process
 from megatron_uni.training.confidence import confidence_loss_func
 from megatron_uni.training.step import make_forward_step
-from tests.diffusion_helpers import random_batch, tiny_vocab
 
+from diffusion_helpers import random_batch, tiny_vocab
 
-@pytest.fixture(scope="module", autouse=True)
-def single_process():
-    init_single_process()
+pytestmark = pytest.mark.usefixtures("single_process")
 
 
 def test_router_z_loss_gradient_is_scaled_by_its_token_count():
@@ -46,8 +42,8 @@ def test_router_z_loss_gradient_is_scaled_by_its_token_count():
 def _inputs_and_logits(seed=0):
     vocab = tiny_vocab()
     batch = random_batch(torch.Generator().manual_seed(seed), 2, 64, 8, vocab)
-    inputs = build_inputs(batch, vocab, DiffusionConfig(block_size=8, noise=NoiseConfig(0.3, 0.8)),
-                          torch.Generator().manual_seed(seed + 1))
+    inputs = build_inputs(batch, vocab, DiffusionConfig(t_min=0.3, t_max=0.8), torch.Generator().manual_seed(seed + 1),
+                          block_size=8)
     gen = torch.Generator().manual_seed(seed + 2)
     logits = torch.randn(*inputs.labels.shape, vocab.size, generator=gen)
     # make about half the masked positions predicted right, so CAP has positions to count
@@ -71,7 +67,7 @@ def test_confidence_loss_func_equals_the_library_loss(weighting):
     tolerance = 1e-6 if weighting == "mean" else 2e-2 / 64  # sqrt_masked: fixed-point normaliser
     torch.testing.assert_close(loss_sum / count, want, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(ours.grad, library.grad, rtol=1e-2 if weighting != "mean" else 1e-5, atol=1e-7)
-    assert torch.equal(report["diffusion"], sums.stacked().detach())
+    assert torch.equal(report["diffusion"].stacked(), sums.stacked().detach())
     assert want > combine(sums).loss  # the CAP term is really in
 
 

@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from megatron_uni.config import load_config
+from megatron_uni.config import DiffusionConfig, load_config
 from megatron_uni.data.batch import MODALITY_SPECIAL
-from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs
+from megatron_uni.diffusion.inputs import build_inputs
 from megatron_uni.diffusion.losses import loss_sums
-from megatron_uni.diffusion.noising import NoiseConfig
 from megatron_uni.training.metrics import (MetricsLogger, TOKEN_FIELDS, flops_per_sequence, peak_flops, run_dir_of,
                                            token_stats)
-from tests.diffusion_helpers import random_batch, tiny_vocab
+
+from diffusion_helpers import random_batch, tiny_vocab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,8 +47,8 @@ def test_peak_table_and_cpu_mfu():
 def test_token_stats_special_split_closes_the_total():
     vocab = tiny_vocab()
     gen = torch.Generator().manual_seed(0)
-    inputs = build_inputs(random_batch(gen, 2, 64, 8, vocab), vocab,
-                          DiffusionConfig(block_size=8, noise=NoiseConfig(0.3, 0.8)), gen)
+    inputs = build_inputs(random_batch(gen, 2, 64, 8, vocab), vocab, DiffusionConfig(t_min=0.3, t_max=0.8), gen,
+                          block_size=8)
     modality = inputs.modality.clone()
     modality[:, :16] = MODALITY_SPECIAL  # pretend some targets are block-padding <|endoftext|>
     inputs = type(inputs)(**{**inputs.__dict__, "modality": modality})
