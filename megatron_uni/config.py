@@ -47,6 +47,7 @@ class ModelConfig:
     moe_z_loss_coeff: Optional[float] = None
     moe_token_dispatcher_type: str = "alltoall"
     moe_grouped_gemm: bool = False         # TE grouped GEMM experts (GPU only)
+    expert_impl: str = "sequential"        # sequential | grouped (model/experts.py; same checkpoint keys)
     rotary_base: int = 600000
     rotary_percent: float = 0.5
     norm_epsilon: float = 1e-6
@@ -303,6 +304,10 @@ def validate_model(m: ModelConfig) -> None:
              f"model.fp8_recipe={m.fp8_recipe!r} must be delayed, tensorwise or blockwise")
     _require(m.moe_token_dispatcher_type in ("alltoall", "allgather"),
              f"model.moe_token_dispatcher_type={m.moe_token_dispatcher_type!r} must be alltoall or allgather")
+    _require(m.expert_impl in ("sequential", "grouped"),
+             f"model.expert_impl={m.expert_impl!r} must be sequential or grouped")
+    _require(not (m.expert_impl == "grouped" and m.moe_grouped_gemm),
+             "model.expert_impl=grouped and model.moe_grouped_gemm=true both pick the experts; set one")
 
 
 def validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:

@@ -8,6 +8,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_uni.config import ModelConfig, ParallelConfig
+from megatron_uni.model.experts import expert_module
 from megatron_uni.model.position_rope import use_position_ids_for_rope
 from megatron_uni.model.spec import decoder_block_spec
 from megatron_uni.model.transformer_config import build_transformer_config, use_transformer_engine
@@ -23,7 +24,8 @@ def build_model(model_cfg: ModelConfig, parallel: Optional[ParallelConfig] = Non
     """
     parallel = parallel or ParallelConfig()
     config = build_transformer_config(model_cfg, parallel)
-    spec = decoder_block_spec(config, use_transformer_engine(model_cfg), vp_stage, core_attention)
+    spec = decoder_block_spec(config, use_transformer_engine(model_cfg), vp_stage, core_attention,
+                              experts=expert_module(model_cfg.expert_impl))
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,

@@ -2,8 +2,9 @@
 
 We take megatron-core's own block spec (TE or local layers) and change only what differs:
 self-attention gets ``AttnMaskType.arbitrary`` (the block-diffusion mask is always passed
-explicitly; no causal default), and the core attention can be swapped for another module
-(the block-diffusion attention). Layer 0 is dense and the others MoE through
+explicitly; no causal default), the core attention can be swapped for another module (the
+block-diffusion attention) and the ``SequentialMLP`` experts for a subclass of it (the
+grouped-GEMM experts, ``experts.py``). Layer 0 is dense and the others MoE through
 ``moe_layer_freq``, which megatron's spec already honours.
 """
 
@@ -14,6 +15,7 @@ from typing import Optional, Union
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -21,12 +23,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 def decoder_block_spec(config: TransformerConfig, use_te: bool, vp_stage: Optional[int] = None,
-                       core_attention: Optional[Union[ModuleSpec, type]] = None) -> TransformerBlockSubmodules:
+                       core_attention: Optional[Union[ModuleSpec, type]] = None,
+                       experts: Optional[type] = None) -> TransformerBlockSubmodules:
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
                                        vp_stage=vp_stage)
     # megatron's specs share one ModuleSpec object between layers; copy before editing.
-    block.layer_specs = [_same_keys_as_te(_bidirectional(copy.deepcopy(spec), core_attention))
-                         for spec in block.layer_specs]
+    block.layer_specs = [_with_experts(_same_keys_as_te(_bidirectional(copy.deepcopy(spec), core_attention)),
+                                       experts) for spec in block.layer_specs]
     return block
 
 
@@ -47,4 +50,15 @@ def _bidirectional(layer: ModuleSpec, core_attention) -> ModuleSpec:
     attention.params = {**attention.params, "attn_mask_type": AttnMaskType.arbitrary}
     if core_attention is not None:
         attention.submodules.core_attention = core_attention
+    return layer
+
+
+def _with_experts(layer: ModuleSpec, experts: Optional[type]) -> ModuleSpec:
+    """Swap ``SequentialMLP`` for ``experts`` (a subclass: same parameters, same checkpoint keys).
+    TE's grouped experts (``moe_grouped_gemm``) are left alone; config forbids selecting both."""
+    mlp = layer.submodules.mlp
+    if experts is not None and mlp.module is MoELayer and mlp.submodules.experts.module is SequentialMLP:
+        if not issubclass(experts, SequentialMLP):
+            raise TypeError(f"experts module {experts.__name__} must subclass SequentialMLP (same checkpoint keys)")
+        mlp.submodules.experts.module = experts
     return layer
