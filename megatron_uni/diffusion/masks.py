@@ -17,6 +17,7 @@ noisy position is in its own block; a clean one is block-causal), so no softmax 
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import Optional
 
 import torch
@@ -117,3 +118,49 @@ def block_mask(layout: AttentionLayout):
     length = layout.seq_length
     return create_block_mask(mask_mod(layout), layout.batch_size, None, length, length,
                              device=layout.doc.device, BLOCK_SIZE=FLEX_TILE)
+
+
+# The rule as interval tests on per-position integer codes, for masks built chunk by chunk (the
+# CPU attention builds one per query chunk, in forward and again in backward). Codes are O(S)
+# and built once per call; a chunk's mask then costs three comparisons per (query, key) pair
+# instead of the ~ten element-wise operations of ``_allowed``.
+_DOC_STRIDE = 1 << 31                      # > any int32 block index: documents never overlap
+_NEVER = torch.iinfo(torch.int64).max      # a code no interval contains / no key equals
+
+
+@dataclasses.dataclass
+class MaskCodes:
+    """``[b, S]`` int64 codes; ``key_clean``/``key_noisy`` = doc * 2**31 + block (or +-_NEVER).
+
+    Query q may attend key k iff ``low[q] <= key_clean[k] <= high[q]`` (a clean key of the same
+    document, block <= block(q) for a clean query, < for a noisy one) or ``key_noisy[k] ==
+    same_block[q]`` (a noisy key in the noisy query's own block and document).
+    """
+
+    key_clean: torch.Tensor
+    key_noisy: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    same_block: torch.Tensor
+
+    def tensors(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+def mask_codes(layout: AttentionLayout) -> MaskCodes:
+    doc_base = layout.doc.long() * _DOC_STRIDE
+    code = doc_base + layout.block.long()
+    clean = layout.clean
+    never = torch.full_like(code, _NEVER)
+    return MaskCodes(key_clean=torch.where(clean, code, never), key_noisy=torch.where(clean, -never, code),
+                     low=doc_base, high=code - (~clean).long(), same_block=torch.where(clean, never, code))
+
+
+def allowed_from_codes(codes: MaskCodes, start: int, stop: int) -> torch.Tensor:
+    """Bool ``[b, 1, stop-start, S]``, equal to ``allowed_rows(layout, start, stop)``."""
+    q = lambda t: t[:, start:stop, None]  # noqa: E731  [b, q, 1]
+    k = lambda t: t[:, None, :]           # noqa: E731  [b, 1, S]
+    key_clean = k(codes.key_clean)
+    allowed = (key_clean >= q(codes.low)) & (key_clean <= q(codes.high))
+    allowed |= k(codes.key_noisy) == q(codes.same_block)
+    return allowed.unsqueeze(1)
