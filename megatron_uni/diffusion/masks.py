@@ -112,12 +112,59 @@ class BlockMaskCache:
 
 
 def block_mask(layout: AttentionLayout):
-    """FlexAttention ``BlockMask`` of the rule (heads broadcast: H=None)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """FlexAttention ``BlockMask`` of the rule (heads broadcast: H=None), built from the block
+    structure in O(pieces^2) work -- never the dense ``S x S`` mask that ``create_block_mask``
+    evaluates -- and equal to ``create_block_mask(mask_mod(layout), b, None, S, S, BLOCK_SIZE=128)``
+    (same tile lists, tests/test_block_mask_structure.py).
+
+    A piece is a run of positions with one (doc, block, clean) inside one 128-tile; the rule is
+    constant on a pair of pieces, so a tile pair is empty / full / partial when its piece pairs
+    are all disallowed / all allowed (and both tiles lie inside the sequence) / mixed.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
 
     length = layout.seq_length
-    return create_block_mask(mask_mod(layout), layout.batch_size, None, length, length,
-                             device=layout.doc.device, BLOCK_SIZE=FLEX_TILE)
+    tiles = [_tile_classes(layout, row, FLEX_TILE) for row in range(layout.batch_size)]
+    partial = torch.stack([p for p, _ in tiles]).unsqueeze(1)  # [b, 1, q tiles, kv tiles]
+    full = torch.stack([f for _, f in tiles]).unsqueeze(1)
+    # kv tiles per query tile, and query tiles per kv tile (for backward) straight from the tile
+    # classes: from_kv_blocks would derive the latter through a dense round trip that costs more
+    # than everything above
+    kv_lists = [*_ordered_tiles(partial), *_ordered_tiles(full)]
+    q_lists = [*_ordered_tiles(partial.transpose(-2, -1)), *_ordered_tiles(full.transpose(-2, -1))]
+    return BlockMask((length, length), *kv_lists, *q_lists, BLOCK_SIZE=(FLEX_TILE, FLEX_TILE),
+                     mask_mod=mask_mod(layout))
+
+
+def _tile_classes(layout: AttentionLayout, row: int, tile: int):
+    """Bool ``[T, T]`` partial and full tile pairs of one row (T = ceil(S / tile))."""
+    doc, block, clean = layout.doc[row], layout.block[row], layout.clean[row]
+    length = doc.shape[0]
+    num_tiles = -(-length // tile)
+    starts = torch.ones(length, dtype=torch.bool, device=doc.device)
+    starts[1:] = ((doc[1:] != doc[:-1]) | (block[1:] != block[:-1]) | (clean[1:] != clean[:-1])
+                  | (torch.arange(1, length, device=doc.device) % tile == 0))
+    first = torch.nonzero(starts).flatten()  # first position of each piece
+    pieces = AttentionLayout(doc[first][None], block[first][None], clean[first][None])
+    allowed = allowed_from_codes(mask_codes(pieces), 0, first.numel())[0, 0].flatten().to(torch.int8)
+    piece_tile = first // tile
+    pair_tile = (piece_tile[:, None] * num_tiles + piece_tile[None, :]).flatten()
+    any_allowed = torch.zeros(num_tiles * num_tiles, dtype=torch.int8, device=doc.device)
+    any_allowed.scatter_reduce_(0, pair_tile, allowed, reduce="amax")
+    all_allowed = torch.ones_like(any_allowed).scatter_reduce_(0, pair_tile, allowed, reduce="amin")
+    any_allowed, all_allowed = (t.view(num_tiles, num_tiles).bool() for t in (any_allowed, all_allowed))
+    if length % tile:  # the last tile is padded, and padding is never attended: it cannot be full
+        all_allowed[-1, :] = False
+        all_allowed[:, -1] = False
+    return any_allowed & ~all_allowed, all_allowed
+
+
+def _ordered_tiles(tiles: torch.Tensor):
+    """(count, indices) per query tile as BlockMask wants them: the selected kv tiles first,
+    ascending, then the others (a stable descending sort of the 0/1 row)."""
+    tiles = tiles.to(torch.int32)
+    order = torch.argsort(tiles, dim=-1, descending=True, stable=True)
+    return tiles.sum(-1).to(torch.int32).contiguous(), order.to(torch.int32).contiguous()
 
 
 # The rule as interval tests on per-position integer codes, for masks built chunk by chunk (the
