@@ -146,10 +146,10 @@ def _tile_classes(layout: AttentionLayout, row: int, tile: int):
                   | (torch.arange(1, length, device=doc.device) % tile == 0))
     first = torch.nonzero(starts).flatten()  # first position of each piece
     pieces = AttentionLayout(doc[first][None], block[first][None], clean[first][None])
-    allowed = allowed_from_codes(mask_codes(pieces), 0, first.numel())[0, 0].flatten().to(torch.int8)
+    allowed = allowed_from_codes(mask_codes(pieces), 0, first.numel())[0, 0].flatten().to(torch.int32)
     piece_tile = first // tile
     pair_tile = (piece_tile[:, None] * num_tiles + piece_tile[None, :]).flatten()
-    any_allowed = torch.zeros(num_tiles * num_tiles, dtype=torch.int8, device=doc.device)
+    any_allowed = torch.zeros(num_tiles * num_tiles, dtype=torch.int32, device=doc.device)  # int32: CUDA atomics
     any_allowed.scatter_reduce_(0, pair_tile, allowed, reduce="amax")
     all_allowed = torch.ones_like(any_allowed).scatter_reduce_(0, pair_tile, allowed, reduce="amin")
     any_allowed, all_allowed = (t.view(num_tiles, num_tiles).bool() for t in (any_allowed, all_allowed))
