@@ -48,7 +48,7 @@ from megatron_uni.data.batch import MODALITY_IMAGE, MODALITY_TEXT, Batch  # noqa
 from megatron_uni.diffusion.inputs import DiffusionConfig, build_inputs  # noqa: E402
 from megatron_uni.diffusion.masks import FLEX_TILE, block_mask  # noqa: E402
 from megatron_uni.diffusion.noising import NoiseConfig  # noqa: E402
-from megatron_uni.diffusion.savings import SHAPES, _draw  # noqa: E402
+from megatron_uni.diffusion.savings import SHAPES  # noqa: E402
 from megatron_uni.tokens import Vocabulary  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,6 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 # samples
 # ----------------------------------------------------------------------------------------------
+def _uniform_int(gen: torch.Generator, bounds: Tuple[int, int]) -> int:
+    low, high = bounds
+    return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+
 def draw_samples(mix: str, count: int, args, gen: torch.Generator) -> List[Sample]:
     samples = []
     for _ in range(count):
@@ -91,8 +96,8 @@ def draw_samples(mix: str, count: int, args, gen: torch.Generator) -> List[Sampl
             samples.append(Sample(clean=prompt, image=0, target=max(1, length - prompt)))
         else:
             shape = SHAPES["understanding"]
-            image, prompt = _draw(gen, shape.prompt_image), _draw(gen, shape.prompt_text)
-            samples.append(Sample(clean=image + prompt, image=image, target=_draw(gen, shape.target)))
+            image, prompt = _uniform_int(gen, shape.prompt_image), _uniform_int(gen, shape.prompt_text)
+            samples.append(Sample(clean=image + prompt, image=image, target=_uniform_int(gen, shape.target)))
     return samples
 
 
