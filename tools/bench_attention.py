@@ -151,6 +151,8 @@ def _peak_bytes(device) -> int:
 
 def _train_once(method: str, length: int, args, device_name: str, results) -> None:
     """One fwd+bwd of ``method`` in this (fresh) process: saved MiB, peak MiB above the inputs, seconds."""
+    if args.threads:  # a spawned process starts with torch's default
+        torch.set_num_threads(args.threads)
     device = torch.device(device_name)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     layout = full_layout(torch.zeros(1, length, dtype=torch.int32, device=device), args.block_size)
@@ -196,7 +198,8 @@ def train_memory(args, device) -> None:
 
     lengths = args.lengths or [1024]
     print(f"device {device}, heads {args.heads}/{args.kv_heads}, dim {args.head_dim}, block {args.block_size}, "
-          f"chunk {CPU_QUERY_CHUNK}, one fwd+bwd per method in a fresh process, torch {torch.__version__}")
+          f"chunk {CPU_QUERY_CHUNK}, {torch.get_num_threads()} threads, one fwd+bwd per method in a fresh process, "
+          f"torch {torch.__version__}")
     print(f"{'L':>6} {'2L':>6} {'method':<40} {'saved MiB':>10} {'peak MiB':>9} {'s fwd+bwd':>10}")
     context = multiprocessing.get_context("spawn")
     for length in lengths:
