@@ -34,6 +34,7 @@ Fp8Format = Literal["e4m3", "hybrid"]
 Fp8Recipe = Literal["delayed", "tensorwise", "blockwise"]
 RecomputeGranularity = Literal["full", "selective"]
 Dispatcher = Literal["alltoall", "allgather"]
+ExpertImpl = Literal["sequential", "grouped"]   # model/experts.py; same checkpoint keys
 DecayStyle = Literal["constant", "linear", "cosine"]
 Weighting = Literal["mean", "elbo", "sqrt_masked"]   # diffusion loss weighting, see diffusion/inputs.py
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -71,6 +72,7 @@ class ModelConfig:
     moe_z_loss_coeff: Optional[float] = None
     moe_token_dispatcher_type: Dispatcher = "alltoall"
     moe_grouped_gemm: bool = False         # TE grouped GEMM experts (GPU only)
+    expert_impl: ExpertImpl = "sequential"
     rotary_base: int = 600000
     rotary_percent: float = 0.5
     norm_epsilon: float = 1e-6
@@ -408,6 +410,8 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.text_vocab > 0 and m.num_image_codes >= 0,
              f"model.text_vocab={m.text_vocab} must be > 0 and model.num_image_codes={m.num_image_codes} >= 0")
     _require(0.0 < m.rotary_percent <= 1.0, f"model.rotary_percent={m.rotary_percent} must be in (0, 1]")
+    _require(not (m.expert_impl == "grouped" and m.moe_grouped_gemm),
+             "model.expert_impl=grouped and model.moe_grouped_gemm=true both pick the experts; set one")
 
 
 def validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:

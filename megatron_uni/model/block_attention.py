@@ -7,7 +7,8 @@ either
 * the attention-layout descriptor (int32 ``[b, 3, S]``, ``megatron_uni.attention.layout``):
   on GPU a compiled FlexAttention call with a ``BlockMask`` built once per descriptor and
   reused by every layer; on CPU SDPA over chunks of queries with the bool mask of the chunk
-  only (memory O(chunk x S) instead of O(S^2)); or
+  only, rebuilt in backward instead of saved (memory O(chunk x S) instead of O(S^2), in
+  training too); or
 * a bool mask broadcastable to ``[b, 1, S, S]`` (True = masked out): SDPA with that mask.
 
 Tensor parallel: the module sees only its local heads (query ``[s, b, heads/TP, d]``), which
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_uni.attention.layout import AttentionLayout, is_descriptor
-from megatron_uni.attention.masks import BlockMaskCache, allowed_rows
+from megatron_uni.attention.masks import BlockMaskCache, MaskCodes, allowed_from_codes, mask_codes
 
 # queries per SDPA call in the CPU fallback
 CPU_QUERY_CHUNK = 1024
@@ -115,15 +116,59 @@ def _check_length(layout_length: int, seq_length: int) -> None:
                          f"sequence has {seq_length}")
 
 
-def chunked_sdpa(q, k, v, layout: AttentionLayout, scale: float, chunk: int = CPU_QUERY_CHUNK):
-    """SDPA over query chunks, each with its own ``[b, 1, chunk, S]`` bool mask from the layout."""
-    outputs = []
-    for start in range(0, q.shape[2], chunk):
-        stop = min(start + chunk, q.shape[2])
-        allowed = allowed_rows(layout, start, stop)
-        outputs.append(F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=allowed, scale=scale,
-                                                      enable_gqa=q.shape[1] != k.shape[1]))
-    return torch.cat(outputs, 2)
+def chunked_sdpa(q, k, v, layout: AttentionLayout, scale: float, chunk: Optional[int] = None):
+    """SDPA over query chunks, each with its own ``[b, 1, chunk, S]`` bool mask from the layout.
+
+    Memory O(chunk x S) with and without gradients: nothing mask-sized is saved for backward,
+    which recomputes each chunk's mask and attention (:class:`_ChunkedAttention`).
+    ``chunk`` defaults to the module's ``CPU_QUERY_CHUNK`` read at call time.
+    """
+    chunk = chunk or CPU_QUERY_CHUNK
+    return _ChunkedAttention.apply(q, k, v, scale, chunk, *mask_codes(layout).tensors())
+
+
+def _chunks(length: int, chunk: int):
+    return [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
+
+
+def _sdpa(q, k, v, allowed, scale):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """Chunked masked SDPA that saves only q, k, v and the O(S) mask codes for backward.
+
+    Plain autograd over SDPA calls would keep every chunk's mask (as float, b*S^2*4 bytes over
+    the chunks: as much as one dense mask) until backward. Backward here rebuilds one chunk's
+    mask at a time and differentiates that chunk's SDPA (one extra attention forward per step).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, chunk, *code_tensors):
+        codes = MaskCodes(*code_tensors)
+        out = torch.empty_like(q)
+        for start, stop in _chunks(q.shape[2], chunk):
+            out[:, :, start:stop] = _sdpa(q[:, :, start:stop], k, v, allowed_from_codes(codes, start, stop), scale)
+        ctx.save_for_backward(q, k, v, *code_tensors)
+        ctx.scale, ctx.chunk = scale, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, *code_tensors = ctx.saved_tensors
+        codes = MaskCodes(*code_tensors)
+        grad_q = torch.empty_like(q)
+        grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+        keys, values = k.detach().requires_grad_(), v.detach().requires_grad_()
+        with torch.enable_grad():
+            for start, stop in _chunks(q.shape[2], ctx.chunk):
+                queries = q[:, :, start:stop].detach().requires_grad_()
+                out = _sdpa(queries, keys, values, allowed_from_codes(codes, start, stop), ctx.scale)
+                dq, dk, dv = torch.autograd.grad(out, (queries, keys, values), grad_out[:, :, start:stop])
+                grad_q[:, :, start:stop] = dq
+                grad_k += dk
+                grad_v += dv
+        return (grad_q, grad_k, grad_v, None, None) + (None,) * len(code_tensors)
 
 
 def block_attention_spec():

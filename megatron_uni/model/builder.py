@@ -8,6 +8,7 @@ from typing import List, Optional
 from megatron.core import parallel_state
 
 from megatron_uni.config import ModelConfig, ParallelConfig
+from megatron_uni.model.experts import expert_module
 from megatron_uni.model.gpt import UniGPTModel
 from megatron_uni.model.spec import decoder_block_spec
 from megatron_uni.model.transformer_config import build_transformer_config, use_transformer_engine
@@ -26,7 +27,8 @@ def build_model(model_cfg: ModelConfig, parallel: Optional[ParallelConfig] = Non
     """
     parallel = parallel or ParallelConfig()
     config = build_transformer_config(model_cfg, parallel, initialize)
-    spec = decoder_block_spec(config, use_transformer_engine(model_cfg), vp_stage, core_attention)
+    spec = decoder_block_spec(config, use_transformer_engine(model_cfg), vp_stage, core_attention,
+                              experts=expert_module(model_cfg.expert_impl))
     return UniGPTModel(
         config=config,
         transformer_layer_spec=spec,

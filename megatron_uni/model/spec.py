@@ -2,8 +2,9 @@
 
 We take megatron-core's own block spec (TE or local layers) and change only what differs:
 self-attention gets ``AttnMaskType.arbitrary`` (the block-diffusion mask is always passed
-explicitly; no causal default), and the core attention can be swapped for another module
-(the block-diffusion attention). Which layers are dense and which MoE is
+explicitly; no causal default), the core attention can be swapped for another module (the
+block-diffusion attention) and the ``SequentialMLP`` experts for a subclass of it (the
+grouped-GEMM experts, ``experts.py``). Which layers are dense and which MoE is
 ``ModelConfig.moe_layer_pattern``, passed as ``moe_layer_freq``, which megatron's spec honours.
 """
 
@@ -14,6 +15,7 @@ from typing import Optional, Union
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -23,11 +25,12 @@ from megatron_uni.model.router import LingTopKRouter
 
 
 def decoder_block_spec(config: TransformerConfig, use_te: bool, vp_stage: Optional[int] = None,
-                       core_attention: Optional[Union[ModuleSpec, type]] = None) -> TransformerBlockSubmodules:
+                       core_attention: Optional[Union[ModuleSpec, type]] = None,
+                       experts: Optional[type] = None) -> TransformerBlockSubmodules:
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
                                        vp_stage=vp_stage)
     # megatron's specs share one ModuleSpec object between layers; copy before editing.
-    block.layer_specs = [_ling_router(_same_keys_as_te(_bidirectional(copy.deepcopy(spec), core_attention)))
+    block.layer_specs = [_moe(_same_keys_as_te(_bidirectional(copy.deepcopy(spec), core_attention)), experts)
                          for spec in block.layer_specs]
     return block
 
@@ -52,8 +55,17 @@ def _bidirectional(layer: ModuleSpec, core_attention) -> ModuleSpec:
     return layer
 
 
-def _ling_router(layer: ModuleSpec) -> ModuleSpec:
-    """MoE layers route with the Ling group score (model/router.py), not megatron's."""
-    if layer.submodules.mlp.module is MoELayer:
-        layer.submodules.mlp.submodules.router = LingTopKRouter
+def _moe(layer: ModuleSpec, experts: Optional[type]) -> ModuleSpec:
+    """MoE layers route with the Ling group score (model/router.py), not megatron's, and run
+    ``experts`` instead of ``SequentialMLP`` when given (a subclass: same parameters, same
+    checkpoint keys). TE's grouped experts (``moe_grouped_gemm``) are left alone; config forbids
+    selecting both."""
+    mlp = layer.submodules.mlp
+    if mlp.module is not MoELayer:
+        return layer
+    mlp.submodules.router = LingTopKRouter
+    if experts is not None and mlp.submodules.experts.module is SequentialMLP:
+        if not issubclass(experts, SequentialMLP):
+            raise TypeError(f"experts module {experts.__name__} must subclass SequentialMLP (same checkpoint keys)")
+        mlp.submodules.experts.module = experts
     return layer
