@@ -38,12 +38,11 @@ def make_inputs(seed=0, prefix_aware=False, length=64, prompt_blocks=1):
 def test_layout_descriptor_matches_megatron_attention_with_dense_mask(models, monkeypatch):
     ours, stock = models
     inputs, _ = make_inputs(1)
-    # several uneven query chunks (128 positions by 24): the chunk is passed, and the chunks counted
-    chunked_sdpa, allowed_rows, chunks = block_attention.chunked_sdpa, block_attention.allowed_rows, []
-    monkeypatch.setattr(block_attention, "chunked_sdpa",
-                        lambda q, k, v, layout, scale: chunked_sdpa(q, k, v, layout, scale, chunk=24))
-    monkeypatch.setattr(block_attention, "allowed_rows",
-                        lambda layout, start, stop: chunks.append(stop - start) or allowed_rows(layout, start, stop))
+    # several uneven query chunks (128 positions by 24; the chunk is read at call time), counted
+    allowed_from_codes, chunks = block_attention.allowed_from_codes, []
+    monkeypatch.setattr(block_attention, "CPU_QUERY_CHUNK", 24)
+    monkeypatch.setattr(block_attention, "allowed_from_codes",
+                        lambda codes, start, stop: chunks.append(stop - start) or allowed_from_codes(codes, start, stop))
     with torch.no_grad():
         got = ours(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
         want = stock(inputs.input_ids, inputs.position_ids, inputs.dense_attention_mask())
