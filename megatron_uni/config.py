@@ -13,7 +13,7 @@ import dataclasses
 import os
 import re
 import typing
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import yaml
 
@@ -94,6 +94,10 @@ class DataConfig:
     global_batch_size: int = 4
     num_workers: int = 0
     seed: int = 1234
+    lookahead: int = 8                     # fill a row with the first fitting of the next N documents (1: in order)
+    split_samples: bool = False            # continue a document that does not fit on the next row
+    overlong: Literal["drop", "truncate"] = "drop"   # documents longer than seq_length
+    cache_dir: Optional[str] = None        # row-plan cache; None: row_plans/ beside the first dataset
 
 
 @dataclasses.dataclass
