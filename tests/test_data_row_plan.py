@@ -32,15 +32,22 @@ def count_builds(monkeypatch):
     return builds
 
 
-def test_plan_equals_the_python_planner_of_the_first_release(tmp_path):
-    """Blend + packing through the cache give exactly the rows of the generator pipeline."""
+@pytest.mark.parametrize("chunk", [1 << 22, 37])
+def test_plan_equals_the_python_planner_of_the_first_release(tmp_path, monkeypatch, chunk):
+    """Blend + packing through the cache give exactly the rows (and statistics) of the generator
+    pipeline, whatever the number of documents blended and packed at a time."""
+    monkeypatch.setattr(row_plan, "CHUNK_DOCUMENTS", chunk)
+    lengths = [LENGTHS[0], np.concatenate([LENGTHS[1], [70, 0, 200]])]      # overlong and empty ones
     for packing in (PackingSettings(64, 8, lookahead=4), PackingSettings(64, 8, split_samples=True),
-                    PackingSettings(64, 8, overlong="truncate")):
-        plan = open_row_plan(inputs(packing=packing), str(tmp_path), rows=60)
-        stream = reference_blended_documents(LENGTHS, [0.7, 0.3], 3)
-        expected = list(itertools.islice(reference_plan_rows(stream, packing, ReferenceStats()), plan.rows))
+                    PackingSettings(64, 8, overlong="truncate"), PackingSettings(64, 8)):
+        plan = open_row_plan(inputs(packing=packing, lengths=lengths), str(tmp_path), rows=60)
+        stream = reference_blended_documents(lengths, [0.7, 0.3], 3)
+        stats = ReferenceStats()
+        expected = list(itertools.islice(reference_plan_rows(stream, packing, stats), plan.rows))
         assert rows_of(plan) == [[(s.ref, s.start, s.end) for s in row] for row in expected]
-        assert plan.rows >= 60 and plan.stats.rows == plan.rows
+        assert plan.rows == 60 and plan.stats.rows == 60
+        assert (plan.stats.real_tokens, plan.stats.split) == (stats.real_tokens, stats.split)
+        assert plan.stats.dropped + plan.stats.truncated > 0
 
 
 def test_cache_hit_and_miss_on_every_key_change(tmp_path, monkeypatch):

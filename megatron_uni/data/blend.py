@@ -65,27 +65,47 @@ def parse_entries(entries: Sequence, base_dir: str, context: str) -> List[BlendE
 
 def blend_order(sizes: Sequence[int], weights: Sequence[float], seed: int,
                 count: int) -> Tuple[np.ndarray, np.ndarray]:
-    """The first ``count`` documents of the blend: ``(dataset int16 [count], document int64 [count])``.
-
-    Prefix-consistent: a longer ``count`` extends the same order."""
-    if len(sizes) != len(weights) or not len(sizes):
-        raise ValueError(f"{len(sizes)} datasets but {len(weights)} weights")
-    empty = [i for i, n in enumerate(sizes) if n == 0]
-    if empty:
-        raise ValueError(f"blend datasets {empty} are empty")
-    share = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
-    dataset = greedy_blend(share, count)
-    document = np.empty(count, np.int64)
-    for d, size in enumerate(sizes):
-        picks = np.flatnonzero(dataset == d)
-        epoch, offset = np.divmod(np.arange(len(picks)), size)
-        for e in range(int(epoch[-1]) + 1 if len(picks) else 0):
-            here = slice(e * size, (e + 1) * size)
-            document[picks[here]] = np.random.default_rng([seed, d, e]).permutation(size)[offset[here]]
-    return dataset, document
+    """The first ``count`` documents of the blend: ``(dataset int16 [count], document int64 [count])``."""
+    return BlendCursor(sizes, weights, seed).take(count)
 
 
-def greedy_blend(share: np.ndarray, count: int) -> np.ndarray:
+class BlendCursor:
+    """Walks the blend a chunk at a time: ``take(n)`` returns the next ``n`` documents, so a
+    plan of any length is built in bounded memory; the chunks concatenate to ``blend_order``."""
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int) -> None:
+        if len(sizes) != len(weights) or not len(sizes):
+            raise ValueError(f"{len(sizes)} datasets but {len(weights)} weights")
+        empty = [i for i, n in enumerate(sizes) if n == 0]
+        if empty:
+            raise ValueError(f"blend datasets {empty} are empty")
+        self.sizes, self.seed = [int(n) for n in sizes], seed
+        self.share = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.drawn = [0] * len(sizes)            # documents taken from each dataset so far
+        self._order: dict = {}                   # dataset -> (epoch, its permutation)
+
+    def take(self, count: int) -> Tuple[np.ndarray, np.ndarray]:
+        before = list(self.drawn)
+        dataset = greedy_blend(self.share, count, self.drawn)
+        document = np.empty(count, np.int64)
+        for d, size in enumerate(self.sizes):
+            picks = np.flatnonzero(dataset == d)
+            if not len(picks):
+                continue
+            epoch, offset = np.divmod(before[d] + np.arange(len(picks)), size)
+            epochs = range(int(epoch[0]), int(epoch[-1]) + 1)
+            bounds = np.searchsorted(epoch, [*epochs, epochs.stop])      # epochs are consecutive
+            for e, lo, hi in zip(epochs, bounds[:-1], bounds[1:]):
+                document[picks[lo:hi]] = self._permutation(d, e)[offset[lo:hi]]
+        return dataset, document
+
+    def _permutation(self, d: int, epoch: int) -> np.ndarray:
+        if self._order.get(d, (None,))[0] != epoch:
+            self._order[d] = (epoch, np.random.default_rng([self.seed, d, epoch]).permutation(self.sizes[d]))
+        return self._order[d][1]
+
+
+def greedy_blend(share: np.ndarray, count: int, drawn: Optional[List[int]] = None) -> np.ndarray:
     """Dataset of each of the first ``count`` documents: document k comes from
     ``argmax(share * (k + 1) - drawn)`` (the dataset lagging most behind its share; lowest index
     on ties), as megatron blends.
@@ -93,13 +113,16 @@ def greedy_blend(share: np.ndarray, count: int) -> np.ndarray:
     A plain loop on Python floats (the same IEEE operations as numpy's, so the same ties): shares
     that are exact ratios (0.7/0.3) tie in exact arithmetic every few steps and floating point
     breaks those ties, which defeats a vectorised merge; the loop costs ~0.5 s per million."""
-    shares, drawn = share.tolist(), [0] * len(share)
+    shares = share.tolist()
+    drawn = [0] * len(share) if drawn is None else drawn   # counts so far; updated in place
+    done = sum(drawn)
     out = array.array("h", bytes(2 * count))
     others = range(1, len(shares))
     for k in range(count):
-        best, best_lag = 0, shares[0] * (k + 1) - drawn[0]
+        step = done + k + 1
+        best, best_lag = 0, shares[0] * step - drawn[0]
         for d in others:
-            lag = shares[d] * (k + 1) - drawn[d]
+            lag = shares[d] * step - drawn[d]
             if lag > best_lag:
                 best, best_lag = d, lag
         drawn[best] += 1

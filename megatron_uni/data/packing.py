@@ -6,8 +6,9 @@ row starts the next row (``split_samples=False``) or fills the room and continue
 the next row, cut at a block boundary (``split_samples=True``). A document longer than a row is
 truncated or dropped (``overlong``), and counted; it is never wrapped.
 
-Planning only needs lengths, so the plan of a whole run is cheap and deterministic; rows are
-materialised from the stored samples when a batch is read.
+Planning only needs lengths: :func:`pack` plans a whole prefix of documents at once (numpy, and
+one tight loop per row for the lookahead window), deterministically; the run's plan is cached by
+:mod:`megatron_uni.data.row_plan`, and rows are materialised from the stored samples when read.
 """
 
 from __future__ import annotations
@@ -113,21 +114,24 @@ def pack(lengths: np.ndarray, settings: PackingSettings, max_rows: Optional[int]
     lengths = np.asarray(lengths, dtype=np.int64)
     kept, truncated = _apply_overlong(lengths, settings)
     index = np.flatnonzero(kept > 0)                       # documents that take part
-    padded = settings.padded_lengths(kept[index])
+    kept = kept[index]
+    padded = settings.padded_lengths(kept)
     if settings.split_samples:
-        offsets, seg, start, end, complete = _pack_split(padded, kept[index], settings)
+        offsets, seg, start, end, complete = _pack_split(padded, kept, settings)
         exhausted = True
     else:
         offsets, seg, complete, exhausted = _pack_whole(padded, settings, max_rows)
         start = np.zeros(len(seg), np.int32)
-        end = kept[index][seg].astype(np.int32)
+        end = kept[seg].astype(np.int32)
+    del kept, padded
     planned = len(offsets) - 1
     rows = min(planned, complete if complete_only else planned, planned if max_rows is None else max_rows)
     offsets, seg, start, end = offsets[:rows + 1], seg[:offsets[rows]], start[:offsets[rows]], end[:offsets[rows]]
     document = index[seg]
     # documents read: all of them when every row was kept, else up to the last one placed
     read = len(lengths) if exhausted and rows == planned else int(document.max(initial=-1)) + 1
-    stats = _stats(offsets, start, end, lengths[:read], truncated[:read], settings)
+    stats = row_stats(offsets, start, end, settings)
+    stats.dropped, stats.truncated, stats.lost_tokens = overlong_counts(lengths[:read], settings)
     return PackedRows(offsets, document, start, end, stats)
 
 
@@ -238,21 +242,32 @@ def _pack_split(padded: np.ndarray, lengths: np.ndarray, settings: PackingSettin
     seg_row = np.where(second, last_row[seg], first_row[seg])
     rows = int(last_row[-1]) + 1 if len(padded) else 0
     offsets = np.searchsorted(seg_row, np.arange(rows + 1), side="left").astype(np.int64)
-    complete = int(ends[-1] // limit) if len(padded) else 0
+    # complete: rows up to the last cut that falls between two documents (nothing continues
+    # past it, so the rows before it cannot change, and a later plan can resume there)
+    complete = int((ends[ends % limit == 0] // limit).max(initial=0))
     return offsets, seg, start, end, complete
 
 
-def _stats(offsets: np.ndarray, start: np.ndarray, end: np.ndarray, lengths: np.ndarray,
-           truncated: np.ndarray, settings: PackingSettings) -> PackingStats:
+def row_stats(offsets: np.ndarray, start: np.ndarray, end: np.ndarray, settings: PackingSettings) -> PackingStats:
+    """Statistics of packed rows (``overlong`` counts left at 0: see :func:`overlong_counts`)."""
     real = (end - start).astype(np.int64)
     used = int(settings.padded_lengths(real).sum())
     rows = len(offsets) - 1
-    dropped = lengths > settings.seq_length if settings.overlong == "drop" else np.zeros_like(truncated)
     return PackingStats(rows=rows, documents=int(np.count_nonzero(start == 0)), real_tokens=int(real.sum()),
                         document_pad_tokens=used - int(real.sum()), row_pad_tokens=rows * settings.seq_length - used,
-                        truncated=int(truncated.sum()), dropped=int(dropped.sum()),
-                        split=int(np.count_nonzero(start > 0)),
-                        lost_tokens=int(lengths[dropped].sum() + (lengths[truncated] - settings.seq_length).sum()))
+                        split=int(np.count_nonzero(start > 0)))
+
+
+def overlong_counts(lengths: np.ndarray, settings: PackingSettings) -> Tuple[int, int, int]:
+    """(dropped, truncated, tokens lost) among documents of ``lengths``."""
+    over = lengths > settings.seq_length
+    lost = int((lengths[over] - (0 if settings.overlong == "drop" else settings.seq_length)).sum())
+    count = int(over.sum())
+    return (count, 0, lost) if settings.overlong == "drop" else (0, count, lost)
+
+
+def add_stats(a: PackingStats, b: PackingStats) -> PackingStats:
+    return PackingStats(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(PackingStats)})
 
 
 def materialize_row(row: List[Segment], fetch: Callable[[Hashable, int, int], TokenizedSample],

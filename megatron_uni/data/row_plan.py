@@ -25,13 +25,14 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_uni.data.blend import blend_order
-from megatron_uni.data.packing import PackingSettings, PackingStats, Segment, pack
+from megatron_uni.data.blend import BlendCursor
+from megatron_uni.data.packing import PackingSettings, PackingStats, Segment, add_stats, pack, row_stats
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def _read_or_build(path: str, key: str, inputs: PlanInputs, rows: int) -> RowPla
         with _file_lock(path + ".lock"):
             plan = read_plan(path, key, rows)       # another process may have built it meanwhile
             if plan is None:
-                write_plan(path, key, build_plan(inputs, max(rows, 1)))
+                build_plan(inputs, max(rows, 1), path, key)
                 plan = read_plan(path, key, rows)
     except PermissionError as err:
         raise PermissionError(f"cannot write the row-plan cache {path!r} ({err.strerror}): "
@@ -134,48 +135,120 @@ def _file_lock(path: str) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------
 # building
 # ----------------------------------------------------------------------------------------------
-def build_plan(inputs: PlanInputs, rows: int) -> Dict[str, object]:
-    """Arrays of the first ``rows`` rows, and the header facts (rows, stats, documents read)."""
+CHUNK_DOCUMENTS = 1 << 22                # documents blended and packed at a time (bounds memory)
+ARRAYS = {"row_offsets": np.int64, "dataset": np.int16, "document": np.int32, "start": np.int32,
+          "end": np.int32}          # document: int64 when a dataset holds 2**31 documents or more
+
+
+def build_plan(inputs: PlanInputs, rows: int, path: str, key: str) -> None:
+    """Plan the first ``rows`` rows and write them to ``path``, a chunk of the blend at a time.
+
+    Each chunk is packed after the documents the previous chunks left unplaced (in stream order:
+    the packer sees the same sequence as in one pass), and only rows that later documents cannot
+    change are kept, so the plan does not depend on the chunk size."""
+    per_row = _documents_per_row(inputs)
     packing = inputs.packing
-    mean_padded = _check_usable(inputs)
-    share = np.asarray(inputs.weights, np.float64) / float(np.sum(inputs.weights))
-    # documents to blend: enough for ``rows`` full rows, plus what one row may look ahead
-    count = int(rows * packing.seq_length / float(share @ mean_padded) * 1.05) + packing.lookahead + 1024
-    sizes = [len(lengths) for lengths in inputs.lengths]
-    while True:
-        dataset, document = blend_order(sizes, inputs.weights, inputs.seed, count)
-        lengths = np.empty(count, np.int64)
-        for d, per_dataset in enumerate(inputs.lengths):
+    cursor = BlendCursor([len(lengths) for lengths in inputs.lengths], inputs.weights, inputs.seed)
+    tmp = f"{path}.tmp{os.getpid()}"
+    dtypes = dict(ARRAYS, document=np.int32 if max(len(x) for x in inputs.lengths) < 2 ** 31 else np.int64)
+    sidecars = {name: open(f"{tmp}.{name}", "wb") for name in dtypes}
+    try:
+        sidecars["row_offsets"].write(np.zeros(1, np.int64).tobytes())
+        planned, placed_segments, stats, blended, read, overlong = 0, 0, PackingStats(), 0, 0, []
+        carry = _Documents.empty()
+        while planned < rows:
+            count = min(CHUNK_DOCUMENTS, int((rows - planned) * per_row * 1.05) + packing.lookahead + 256)
+            chunk = _Documents.blended(cursor, inputs.lengths, blended, count)
+            overlong.append(chunk.overlong(packing))
+            blended += count
+            docs = carry.then(chunk)
+            packed = pack(docs.length, packing, max_rows=rows - planned, complete_only=True)
+            for name, values in (("row_offsets", packed.row_offsets[1:] + placed_segments),
+                                 ("dataset", docs.dataset[packed.document]),
+                                 ("document", docs.document[packed.document]),
+                                 ("start", packed.start), ("end", packed.end)):
+                sidecars[name].write(np.ascontiguousarray(values, dtypes[name]).tobytes())
+            stats = add_stats(stats, row_stats(packed.row_offsets, packed.start, packed.end, packing))
+            planned += packed.rows
+            placed_segments += len(packed.document)
+            read = max(read, int(docs.position[packed.document].max(initial=-1)) + 1)
+            carry = docs.unplaced(packed.document, packing)
+        for f in sidecars.values():
+            f.close()
+        # like pack(): dropped / truncated among the documents up to the last one placed
+        stats.dropped, stats.truncated, stats.lost_tokens = _overlong_before(overlong, read, packing)
+        _assemble(path, tmp, key, dtypes, {"rows": planned, "stats": dataclasses.asdict(stats), "documents_read": read})
+    finally:
+        for name, f in sidecars.items():
+            f.close()
+            if os.path.exists(f"{tmp}.{name}"):
+                os.remove(f"{tmp}.{name}")
+
+
+@dataclasses.dataclass
+class _Documents:
+    """A run of blended documents: stream position, length, dataset, document (all [n])."""
+
+    position: np.ndarray
+    length: np.ndarray
+    dataset: np.ndarray
+    document: np.ndarray
+
+    @classmethod
+    def empty(cls) -> "_Documents":
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int16), np.zeros(0, np.int64))
+
+    @classmethod
+    def blended(cls, cursor: BlendCursor, lengths: Sequence[np.ndarray], first: int, count: int) -> "_Documents":
+        dataset, document = cursor.take(count)
+        length = np.empty(count, np.int64)
+        for d, per_dataset in enumerate(lengths):
             here = dataset == d
-            lengths[here] = np.asarray(per_dataset)[document[here]]
-        packed = pack(lengths, packing, max_rows=rows, complete_only=True)
-        if packed.rows >= rows:
-            break
-        count *= 2                       # rare: a prefix shorter than estimated
-    doc_dtype = np.int32 if max(sizes) < 2 ** 31 else np.int64
-    return {"arrays": {"row_offsets": packed.row_offsets.astype(np.int64),
-                       "dataset": dataset[packed.document].astype(np.int16),
-                       "document": document[packed.document].astype(doc_dtype),
-                       "start": packed.start.astype(np.int32), "end": packed.end.astype(np.int32)},
-            "rows": packed.rows, "stats": dataclasses.asdict(packed.stats),
-            "documents_read": int(packed.document.max(initial=-1)) + 1}
+            length[here] = np.asarray(per_dataset)[document[here]]
+        return cls(np.arange(first, first + count, dtype=np.int64), length, dataset, document)
+
+    def then(self, other: "_Documents") -> "_Documents":
+        return _Documents(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)])
+                            for f in dataclasses.fields(self)))
+
+    def unplaced(self, placed: np.ndarray, packing: PackingSettings) -> "_Documents":
+        """Documents not placed in the kept rows that the packer would still place (in order)."""
+        keep = np.ones(len(self.length), bool)
+        keep[placed] = False
+        keep &= (self.length > 0) & ((self.length <= packing.seq_length) | (packing.overlong == "truncate"))
+        return _Documents(*(getattr(self, f.name)[keep] for f in dataclasses.fields(self)))
+
+    def overlong(self, packing: PackingSettings) -> Tuple[np.ndarray, np.ndarray]:
+        """Stream positions of documents longer than a row, and the tokens each loses."""
+        over = self.length > packing.seq_length
+        kept = 0 if packing.overlong == "drop" else packing.seq_length
+        return self.position[over], self.length[over] - kept
 
 
-def _check_usable(inputs: PlanInputs) -> np.ndarray:
-    """Mean padded length a blended document of each dataset brings (0 for dropped ones); raise
-    naming the dataset when none of its documents can be packed (the blend would never end)."""
+def _overlong_before(overlong: List[Tuple[np.ndarray, np.ndarray]], read: int,
+                     packing: PackingSettings) -> Tuple[int, int, int]:
+    """(dropped, truncated, tokens lost) among the documents before stream position ``read``."""
+    count = sum(int(np.count_nonzero(position < read)) for position, _ in overlong)
+    lost = sum(int(tokens[position < read].sum()) for position, tokens in overlong)
+    return (count, 0, lost) if packing.overlong == "drop" else (0, count, lost)
+
+
+def _documents_per_row(inputs: PlanInputs) -> float:
+    """Blended documents a full row takes, on average (sizes the chunks); raise naming the dataset
+    when none of its documents can be packed (the blend would read it forever, placing nothing)."""
     packing = inputs.packing
-    means = []
-    for name, lengths in zip(inputs.names, inputs.lengths):
+    share = np.asarray(inputs.weights, np.float64) / float(np.sum(inputs.weights))
+    positions = 0.0                      # packed positions a blended document brings, on average
+    for name, lengths, weight in zip(inputs.names, inputs.lengths, share):
         lengths = np.asarray(lengths, np.int64)
-        kept = np.where(lengths > packing.seq_length, 0 if packing.overlong == "drop" else packing.seq_length,
-                        lengths)
-        if not np.any(kept > 0):
+        usable = (lengths > 0) & ((lengths <= packing.seq_length) | (packing.overlong == "truncate"))
+        positions += weight * float(packing.padded_lengths(np.where(usable, np.minimum(lengths, packing.seq_length),
+                                                                     0)).mean())
+        if not usable.any():
             raise ValueError(f"dataset {name!r}: none of its {len(lengths)} documents can be packed: every one is "
                              f"empty or longer than seq_length {packing.seq_length} with data.overlong=drop "
                              f"(raise data.seq_length or set data.overlong=truncate)")
-        means.append(float(packing.padded_lengths(kept).mean()))
-    return np.asarray(means)
+    return packing.seq_length / positions
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,36 +264,42 @@ def _data_size(table: Dict[str, dict]) -> int:
                 for spec in table.values()), default=0)
 
 
-def _edges(buffer: memoryview) -> str:
-    digest = hashlib.sha256(struct.pack("<q", len(buffer)))
-    digest.update(buffer[:EDGE])
-    digest.update(buffer[-EDGE:] if len(buffer) > EDGE else b"")
+def _edges(head: bytes, tail: bytes, size: int) -> str:
+    digest = hashlib.sha256(struct.pack("<q", size))
+    digest.update(head)
+    digest.update(tail)
     return digest.hexdigest()
 
 
-def write_plan(path: str, key: str, built: Dict[str, object]) -> None:
-    """Write atomically: a temporary file, flushed to disk, renamed over ``path``."""
-    arrays: Dict[str, np.ndarray] = {k: np.ascontiguousarray(v) for k, v in built["arrays"].items()}
+def _file_edges(path: str, size: int) -> str:
+    with open(path, "rb") as f:
+        head = f.read(EDGE)
+        f.seek(max(EDGE, size - EDGE))
+        return _edges(head, f.read(), size)
+
+
+def _assemble(path: str, tmp: str, key: str, dtypes: Dict[str, type], facts: dict) -> None:
+    """One file from the arrays written beside it: header, then each array; flushed, then renamed
+    over ``path`` (a reader sees the old file, or the whole new one)."""
     table, offset = {}, 0
-    for name, array in arrays.items():
-        table[name] = {"dtype": array.dtype.str, "shape": list(array.shape), "offset": offset,
-                       "edges": _edges(memoryview(array).cast("B"))}
-        offset = _aligned(offset + array.nbytes)
-    header = {"version": FORMAT_VERSION, "key": key, "rows": built["rows"], "stats": built["stats"],
-              "documents_read": built["documents_read"], "arrays": table}
-    text = json.dumps(header, sort_keys=True).encode()
+    for name, dtype in dtypes.items():
+        size = os.path.getsize(f"{tmp}.{name}")
+        table[name] = {"dtype": np.dtype(dtype).str, "shape": [size // np.dtype(dtype).itemsize], "offset": offset,
+                       "edges": _file_edges(f"{tmp}.{name}", size)}
+        offset = _aligned(offset + size)
+    text = json.dumps({"version": FORMAT_VERSION, "key": key, "arrays": table, **facts}, sort_keys=True).encode()
     data_start = _aligned(PREAMBLE + len(text))
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + struct.pack("<Q", len(text)) + hashlib.sha256(text).digest() + text)
-        for name, array in arrays.items():
-            f.seek(data_start + table[name]["offset"])
-            f.write(memoryview(array).cast("B"))
-        f.truncate(data_start + _data_size(table))
-        f.flush()
-        os.fsync(f.fileno())
+    with open(tmp, "wb") as out:
+        out.write(MAGIC + struct.pack("<Q", len(text)) + hashlib.sha256(text).digest() + text)
+        for name in dtypes:
+            out.seek(data_start + table[name]["offset"])
+            with open(f"{tmp}.{name}", "rb") as part:
+                shutil.copyfileobj(part, out, 1 << 24)
+        out.truncate(data_start + _data_size(table))
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, path)
-    log.info("row plan: wrote %d rows to %s (%.1f MB)", built["rows"], path, (data_start + offset) / 1e6)
+    log.info("row plan: wrote %d rows to %s (%.1f MB)", facts["rows"], path, (data_start + offset) / 1e6)
 
 
 def read_plan(path: str, key: str, rows: int) -> Optional[RowPlan]:
@@ -262,6 +341,8 @@ def _read_valid(path: str, key: str):
         arrays[name] = (np.memmap(path, dtype=np.dtype(spec["dtype"]), mode="r", shape=shape,
                                   offset=data_start + spec["offset"]) if all(shape) else
                         np.empty(shape, np.dtype(spec["dtype"])))
-        if _edges(memoryview(np.ascontiguousarray(arrays[name])).cast("B")) != spec["edges"]:
+        raw = memoryview(np.ascontiguousarray(arrays[name])).cast("B")
+        tail = raw[max(EDGE, len(raw) - EDGE):] if len(raw) > EDGE else b""
+        if _edges(raw[:EDGE], tail, len(raw)) != spec["edges"]:
             raise ValueError(f"array {name} checksum differs")
     return header, arrays
