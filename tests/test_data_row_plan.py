@@ -115,3 +115,39 @@ def test_overlong_drop_of_every_document_names_the_dataset(tmp_path):
     plan = open_row_plan(inputs(lengths=lengths, packing=PackingSettings(64, 8, overlong="truncate")),
                          str(tmp_path), rows=10)
     assert plan.stats.truncated > 0
+
+
+def _rank_opens(rank, world, port, cache, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        builds = []
+        real = row_plan.build_plan
+        row_plan.build_plan = lambda *a: builds.append(1) or real(*a)
+        plan = open_row_plan(inputs(), cache, rows=40)
+        built = len(builds)
+        try:
+            open_row_plan(inputs(lengths=[LENGTHS[0], np.full(5, 99)]), cache, rows=5)
+            failed = ""
+        except ValueError as err:
+            failed = str(err)
+        results[rank] = (built, rows_of(plan)[:5], failed)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_wait_for_rank_zero_and_share_its_plan(tmp_path):
+    """With a process group, rank 0 builds while rank 1 waits; a build error reaches every rank
+    instead of leaving the others at the barrier."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank_opens, args=(2, port, str(tmp_path), results), nprocs=2, join=True)
+        results = dict(results)
+    assert [results[r][0] for r in (0, 1)] == [1, 0]
+    assert results[0][1] == results[1][1]
+    assert all("dataset 'b': none of its 5 documents" in results[r][2] for r in (0, 1))

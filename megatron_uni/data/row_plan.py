@@ -91,9 +91,15 @@ def open_row_plan(inputs: PlanInputs, cache_dir: str, rows: int, collective: boo
     path = os.path.join(cache_dir, f"rowplan-{key}.bin")
     if collective and _distributed():
         import torch.distributed as dist
+        failure = None
         if dist.get_rank() == 0:
-            _read_or_build(path, key, inputs, rows)
-        dist.barrier()                   # every rank passes here, whatever it found
+            try:
+                _read_or_build(path, key, inputs, rows)
+            except Exception as err:     # raised after the barrier: the other ranks must not hang
+                failure = err
+        dist.barrier()
+        if failure is not None:
+            raise failure
     return _read_or_build(path, key, inputs, rows)
 
 
@@ -178,11 +184,12 @@ def build_plan(inputs: PlanInputs, rows: int, path: str, key: str) -> None:
         # like pack(): dropped / truncated among the documents up to the last one placed
         stats.dropped, stats.truncated, stats.lost_tokens = _overlong_before(overlong, read, packing)
         _assemble(path, tmp, key, dtypes, {"rows": planned, "stats": dataclasses.asdict(stats), "documents_read": read})
-    finally:
-        for name, f in sidecars.items():
+    finally:                             # nothing temporary stays behind, built or not
+        for f in sidecars.values():
             f.close()
-            if os.path.exists(f"{tmp}.{name}"):
-                os.remove(f"{tmp}.{name}")
+        for leftover in [f"{tmp}.{name}" for name in sidecars] + [tmp]:
+            if os.path.exists(leftover):
+                os.remove(leftover)
 
 
 @dataclasses.dataclass
