@@ -57,6 +57,12 @@ def synthetic_inputs(args) -> PlanInputs:
     return PlanInputs(lengths, args.weights, 1234, packing, ["synthetic_a", "synthetic_b"])
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (user + system): the one-core cost when the machine is shared."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def memory_mb() -> dict:
     """Resident memory now, split into anonymous (heap) and file-backed (mapped files) pages."""
     fields = {}
@@ -72,12 +78,12 @@ def fetch(args) -> dict:
     """In a fresh process: open the planned run and read one row's segments."""
     inputs = synthetic_inputs(args)
     before = memory_mb()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     plan = open_row_plan(inputs, args.cache_dir, rows=args.fetch_row + 1)
     segments = plan.row(args.fetch_row)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     after = memory_mb()
-    return {"open_and_fetch_s": round(seconds, 3), "segments": [(s.ref, s.start, s.end) for s in segments],
+    return {"open_and_fetch_s": round(seconds, 3), "open_and_fetch_cpu_s": round(cpu, 3), "segments": [(s.ref, s.start, s.end) for s in segments],
             "rss_anon_growth_mb": round(after["RssAnon"] - before["RssAnon"], 1),
             "rss_anon_mb": round(after["RssAnon"], 1), "rss_file_mb": round(after["RssFile"], 1),
             "synthetic_lengths_mb": round(sum(l.nbytes for l in inputs.lengths) / 2 ** 20, 1)}
@@ -92,24 +98,26 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     inputs = synthetic_inputs(args)
     print(f"synthetic lengths: {sum(args.documents):,} documents in {time.perf_counter() - start:.1f} s")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     plan = open_row_plan(inputs, cache, rows=args.rows)
-    seconds = time.perf_counter() - start
-    print(f"planned {plan.rows:,} rows in {seconds:.1f} s ({plan.rows / seconds:,.0f} rows/s), "
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    print(f"planned {plan.rows:,} rows in {seconds:.1f} s wall, {cpu:.1f} s CPU ({plan.rows / cpu:,.0f} rows per CPU s), "
           f"{os.path.getsize(plan.path) / 2 ** 30:.2f} GiB, peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB")
     print("  ", plan.stats.summary())
     if args.fetch_row >= plan.rows:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         plan = open_row_plan(inputs, cache, rows=args.fetch_row + 1)
-        print(f"extended the plan to {plan.rows:,} rows in {time.perf_counter() - start:.1f} s "
+        print(f"extended the plan to {plan.rows:,} rows in {time.perf_counter() - start:.1f} s wall, "
+              f"{cpu_seconds() - cpu:.1f} s CPU "
               f"({os.path.getsize(plan.path) / 2 ** 30:.2f} GiB), peak RSS "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB")
     del plan, inputs
     command = [sys.executable, os.path.abspath(__file__), "--fetch-only", "--cache-dir", cache] + \
         [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--fetch-only"]
     result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-    print(f"new process: open the plan and fetch row {args.fetch_row:,} in {result['open_and_fetch_s']} s; "
+    print(f"new process: open the plan and fetch row {args.fetch_row:,} in {result['open_and_fetch_s']} s wall, "
+          f"{result['open_and_fetch_cpu_s']} s CPU; "
           f"RssAnon grew {result['rss_anon_growth_mb']} MB (total {result['rss_anon_mb']} MB, of which "
           f"{result['synthetic_lengths_mb']} MB are the synthetic lengths), RssFile {result['rss_file_mb']} MB")
     print(f"   segments: {result['segments']}")
