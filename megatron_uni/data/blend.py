@@ -2,8 +2,8 @@
 
 The blended document order is deterministic in the seed: document k comes from the dataset whose
 share lags most behind its weight (Megatron's greedy blending), and each dataset is read in a
-seeded permutation reshuffled every epoch over that dataset. It is computed for a whole prefix
-at once with numpy (:func:`blend_order`), for the row plan of :mod:`megatron_uni.data.row_plan`.
+seeded permutation reshuffled every epoch over that dataset. It is computed a chunk of
+documents at a time (:class:`BlendCursor`) for the row plan of :mod:`megatron_uni.data.row_plan`.
 
 A blend file (YAML) names datasets by prefix (relative to the file) with weights, either for one
 stage or per stage::
@@ -112,7 +112,7 @@ def greedy_blend(share: np.ndarray, count: int, drawn: Optional[List[int]] = Non
 
     A plain loop on Python floats (the same IEEE operations as numpy's, so the same ties): shares
     that are exact ratios (0.7/0.3) tie in exact arithmetic every few steps and floating point
-    breaks those ties, which defeats a vectorised merge; the loop costs ~0.5 s per million."""
+    breaks those ties, which defeats a vectorised merge; the loop costs ~1 s per million documents."""
     shares = share.tolist()
     drawn = [0] * len(share) if drawn is None else drawn   # counts so far; updated in place
     done = sum(drawn)
