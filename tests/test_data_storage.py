@@ -130,6 +130,7 @@ def test_loader_resume_and_dp_sharding(demo):
     assert straight.plan.rows > far and (straight.rows([14, 15]).tokens == expected[1]).all()
 
 
+@pytest.mark.timeout(300)
 def test_loader_stops_when_overlong_drop_leaves_nothing(demo):
     """Every demo document is longer than 32 tokens: with overlong=drop the blend would read
     forever; the loader must say which dataset and why, at once."""
