@@ -79,6 +79,7 @@ def cmd_train(args) -> int:
     if is_rank0():
         print(f"training {args.recipe}: {cfg.schedule.train_iters} iterations from iteration {state.iteration}, "
               f"world size {cfg.parallel.world_size}", flush=True)
+        print(source.loader.packing_summary(), flush=True)
     loop.run(state, source, source.model_seq_length, log_fn=lambda line: print(line, flush=True))
     destroy()
     return 0

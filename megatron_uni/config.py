@@ -36,6 +36,7 @@ RecomputeGranularity = Literal["full", "selective"]
 Dispatcher = Literal["alltoall", "allgather"]
 ExpertImpl = Literal["sequential", "grouped"]   # model/experts.py; same checkpoint keys
 DecayStyle = Literal["constant", "linear", "cosine"]
+Overlong = Literal["drop", "truncate"]       # what packing does with a document longer than seq_length
 Weighting = Literal["mean", "elbo", "sqrt_masked"]   # diffusion loss weighting, see diffusion/inputs.py
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -154,6 +155,10 @@ class DataConfig:
     num_workers: int = 0
     seed: int = 1234
     stage: Optional[str] = None            # entry of a blend file's `stages:` mapping (e.g. align, sft)
+    lookahead: int = 8                     # fill a row with the first fitting of the next N documents (1: in order)
+    split_samples: bool = False            # continue a document that does not fit on the next row
+    overlong: Overlong = "drop"            # documents longer than seq_length
+    cache_dir: Optional[str] = None        # row-plan cache; None: row_plans/ beside the first dataset
 
 
 @dataclasses.dataclass

@@ -1,15 +1,13 @@
 import numpy as np
 import pytest
 
+from megatron_uni.config import DataConfig
 from megatron_uni.data.batch import MODALITY_SPECIAL
-from megatron_uni.data.packing import PackingSettings, PackingStats, materialize_row, plan_rows
+from megatron_uni.data.packing import PackingSettings, materialize_row, pack
 from megatron_uni.data.sequence import TokenizedSample
+from reference_planner import ReferenceStats, reference_plan_rows
 
 PAD = 99
-
-
-def documents(lengths):
-    return ((i, n) for i, n in enumerate(lengths))
 
 
 def fake_sample(ref, start, end):
@@ -21,8 +19,8 @@ def fake_sample(ref, start, end):
 
 def plan(lengths, **kw):
     settings = PackingSettings(**{"seq_length": 64, "block_size": 8, **kw})
-    stats = PackingStats()
-    return list(plan_rows(documents(lengths), settings, stats)), stats, settings
+    packed = pack(np.asarray(lengths), settings)
+    return [packed.row(i) for i in range(packed.rows)], packed.stats, settings
 
 
 def test_documents_start_on_block_boundaries_and_never_cross_rows():
@@ -83,6 +81,18 @@ def test_overlong_documents_counted_never_wrapped(policy):
         assert stats.truncated == 1 and stats.dropped == 0
         assert (1, 0, 64) in [(s.ref, s.start, s.end) for s in segments]
     assert all(s.end - s.start <= 64 for s in segments)
+    assert stats.lost_tokens == (100 if policy == "drop" else 36)
+
+
+def test_efficiency_counts_dropped_documents():
+    """Dropping long documents must not look efficient: their tokens count as lost."""
+    _, kept_all, _ = plan([64, 64], overlong="truncate")
+    _, stats, _ = plan([64, 500, 64, 500], overlong="drop")
+    assert kept_all.efficiency == 1.0
+    assert stats.dropped == 2 and stats.real_tokens == 128
+    assert stats.efficiency == pytest.approx(128 / (128 + 1000))
+    _, truncated, _ = plan([64, 100], overlong="truncate")
+    assert truncated.efficiency == pytest.approx(128 / (128 + 36))
 
 
 def test_settings_validated():
@@ -100,3 +110,54 @@ def test_lookahead_fills_rows_and_places_every_document_once():
     assert sorted(s.ref for r in rows for s in r) == list(range(len(lengths)))
     assert all(sum(settings.padded(s.end - s.start) for s in r) <= 64 for r in rows)
     assert len(rows) == 3 < len(in_order) == 4 and stats.efficiency == 1.0 > strict.efficiency
+
+
+def random_case(rng):
+    seq = int(rng.choice([16, 32, 64]))
+    block = int(rng.choice([4, 8])) if seq >= 32 else 4
+    settings = dict(seq_length=seq, block_size=block, split_samples=bool(rng.integers(2)),
+                    overlong=str(rng.choice(["drop", "truncate"])), lookahead=int(rng.integers(1, 7)))
+    return rng.integers(0, seq + 20, int(rng.integers(0, 60))), settings
+
+
+def test_vectorised_planner_matches_the_python_planner():
+    """The packer of the first release (tests/reference_planner.py) is the specification: rows,
+    segments and statistics must be identical on random inputs, every mode and window."""
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        lengths, settings = random_case(rng)
+        stats = ReferenceStats()
+        expected = [[(s.ref, s.start, s.end) for s in row] for row in
+                    reference_plan_rows(((i, int(n)) for i, n in enumerate(lengths)),
+                                        PackingSettings(**settings), stats)]
+        packed = pack(lengths, PackingSettings(**settings))
+        got = [[(s.ref, s.start, s.end) for s in packed.row(i)] for i in range(packed.rows)]
+        assert got == expected, (lengths.tolist(), settings)
+        mine = packed.stats
+        assert [getattr(mine, f) for f in ReferenceStats.FIELDS] == [getattr(stats, f) for f in ReferenceStats.FIELDS]
+
+
+def test_complete_rows_do_not_depend_on_later_documents():
+    """The plan of an endless stream is built from a prefix: the rows kept must be the same
+    whatever comes after the prefix."""
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        lengths, settings = random_case(rng)
+        settings = PackingSettings(**settings)
+        longer = np.concatenate([lengths, rng.integers(0, settings.seq_length + 20, 30)])
+        prefix = pack(lengths, settings, complete_only=True)
+        full = pack(longer, settings)
+        assert prefix.rows <= full.rows
+        assert all(prefix.row(i) == full.row(i) for i in range(prefix.rows))
+        limited = pack(longer, settings, max_rows=max(1, prefix.rows))
+        assert limited.rows == min(full.rows, max(1, prefix.rows))
+
+
+@pytest.mark.parametrize("sigma", [0.5, 0.75])
+def test_default_lookahead_reaches_95_percent_on_sft_lengths(sigma):
+    """SFT-like lengths (lognormal, median 600) at seq 8192, block 32: in order packs ~90-93%,
+    the recipe's default lookahead >= 95% (measured 96.2% / 96.5%)."""
+    lengths = np.maximum(1, np.random.default_rng(0).lognormal(np.log(600), sigma, 20_000)).astype(np.int64)
+    in_order = pack(lengths, PackingSettings(8192, 32)).stats
+    default = pack(lengths, PackingSettings(8192, 32, lookahead=DataConfig().lookahead)).stats
+    assert in_order.efficiency < 0.94 and default.efficiency >= 0.95

@@ -3,51 +3,60 @@ import itertools
 import numpy as np
 import pytest
 
-from megatron_uni.data.blend import blended_documents, load_blend
-from megatron_uni.data.sampler import ResumableSampler
+from megatron_uni.data.blend import blend_order, load_blend
+from megatron_uni.data.sampler import microbatch_rows
+from reference_planner import reference_blended_documents
 
 
-def take(sampler, steps):
-    return [sampler.next_rows() for _ in range(steps)]
+def test_microbatch_rows_are_disjoint_cover_each_iteration_and_ignore_the_layout():
+    """Iteration i reads rows [i*G, (i+1)*G) whatever the data-parallel size: resume at another
+    DP size replays the same rows."""
+    global_batch = 8
+    for dp_size, mbs in ((1, 2), (2, 2), (4, 1), (2, 4)):
+        for iteration in (0, 3):
+            steps = global_batch // (mbs * dp_size)
+            rows = [r for k in range(steps) for rank in range(dp_size)
+                    for r in microbatch_rows(iteration, k, rank, dp_size, mbs, global_batch)]
+            assert sorted(rows) == list(range(iteration * global_batch, (iteration + 1) * global_batch))
+    assert microbatch_rows(2, 1, 1, 2, 3, 12) == [33, 34, 35]
 
 
-def test_resume_reproduces_exact_remaining_order():
-    straight = ResumableSampler(micro_batch_size=3, seed=7, dp_rank=1, dp_world=2)
-    first = take(straight, 4)
-    state = straight.state_dict()
-    rest = take(straight, 5)
-    resumed = ResumableSampler(micro_batch_size=3, seed=7, dp_rank=1, dp_world=2)
-    resumed.load_state_dict(state)
-    assert take(resumed, 5) == rest
-    assert state == {"consumed_samples": 24, "seed": 7} and first[0] == [3, 4, 5]
-
-
-def test_resume_refuses_other_seed():
-    sampler = ResumableSampler(micro_batch_size=2, seed=1)
-    with pytest.raises(ValueError, match="saved with seed 2"):
-        sampler.load_state_dict({"consumed_samples": 4, "seed": 2})
-
-
-def test_dp_shards_disjoint_and_covering():
-    world, mbs, steps = 4, 2, 5
-    shards = [sum(take(ResumableSampler(mbs, 0, rank, world), steps), []) for rank in range(world)]
-    flat = sum(shards, [])
-    assert len(flat) == len(set(flat)) == world * mbs * steps
-    assert sorted(flat) == list(range(world * mbs * steps))
+def test_microbatch_rows_refuse_impossible_layouts():
+    with pytest.raises(ValueError, match="rank 2 outside world of 2"):
+        microbatch_rows(0, 0, 2, 2, 1, 4)
+    with pytest.raises(ValueError, match="not a multiple"):
+        microbatch_rows(0, 0, 0, 2, 3, 8)
+    with pytest.raises(ValueError, match="micro-batch 2 outside"):
+        microbatch_rows(0, 2, 0, 2, 2, 8)
 
 
 def test_blend_follows_weights_and_is_deterministic():
-    lengths = [np.arange(1, 11), np.arange(1, 4), np.arange(1, 6)]
-    stream = list(itertools.islice(blended_documents(lengths, [0.5, 0.3, 0.2], seed=3), 1000))
-    counts = np.bincount([ref[0] for ref, _ in stream], minlength=3)
-    assert counts.tolist() == [500, 300, 200]
-    assert stream == list(itertools.islice(blended_documents(lengths, [0.5, 0.3, 0.2], seed=3), 1000))
-    other = list(itertools.islice(blended_documents(lengths, [0.5, 0.3, 0.2], seed=4), 1000))
-    assert other != stream
+    sizes, weights = [10, 3, 5], [0.5, 0.3, 0.2]
+    dataset, document = blend_order(sizes, weights, seed=3, count=1000)
+    assert np.bincount(dataset, minlength=3).tolist() == [500, 300, 200]
+    again = blend_order(sizes, weights, seed=3, count=1000)
+    assert np.array_equal(again[0], dataset) and np.array_equal(again[1], document)
+    assert not np.array_equal(blend_order(sizes, weights, seed=4, count=1000)[1], document)
     # each epoch over a dataset visits every document once
-    first_epoch = [doc for (d, doc), _ in stream if d == 0][:10]
-    assert sorted(first_epoch) == list(range(10))
-    assert all(length == lengths[d][doc] for (d, doc), length in stream)
+    assert sorted(document[dataset == 0][:10]) == list(range(10))
+    # prefix-consistent: planning more documents extends the same order
+    head = blend_order(sizes, weights, seed=3, count=137)
+    assert np.array_equal(head[0], dataset[:137]) and np.array_equal(head[1], document[:137])
+
+
+def test_blend_matches_the_python_blend_of_the_first_release():
+    """Exact ratios (0.7/0.3, 1/1/2) tie in exact arithmetic and floating point breaks the ties:
+    the vectorised planner must break them the same way."""
+    rng = np.random.default_rng(1)
+    cases = [([7, 3], [0.7, 0.3]), ([4, 4, 4], [1, 1, 2]), ([5, 9], [1, 1])]
+    for _ in range(30):
+        n = int(rng.integers(1, 5))
+        cases.append((rng.integers(1, 20, n).tolist(), (rng.random(n) + 0.01).tolist()))
+    for sizes, weights in cases:
+        lengths = [np.arange(1, s + 1) for s in sizes]
+        expected = list(itertools.islice(reference_blended_documents(lengths, weights, 3), 2000))
+        dataset, document = blend_order(sizes, weights, 3, 2000)
+        assert [(int(d), int(doc)) for d, doc in zip(dataset, document)] == [ref for ref, _ in expected]
 
 
 def test_blend_file_stages(tmp_path):

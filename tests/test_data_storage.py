@@ -12,6 +12,7 @@ from megatron_uni.data.build import BuildSettings, build_dataset
 from megatron_uni.data.demo import DEMO_IMAGE_CODES, DEMO_TEXT_VOCAB, make_demo_data
 from megatron_uni.data.loader import PackedBatchLoader
 from megatron_uni.data.packing import PackingSettings
+from megatron_uni.data.sampler import microbatch_rows
 from megatron_uni.data.sequence import TokenizedSample
 from megatron_uni.data.storage import (LOSS_BIT, MASKABLE_BIT, SampleDataset, SampleWriter, decode_positions,
                                        encode_positions)
@@ -76,16 +77,16 @@ def test_parallel_build_is_byte_identical(demo, tmp_path):
         assert (tmp_path / f"par{ext}").read_bytes() == pathlib.Path(f"{demo.dataset}{ext}").read_bytes()
 
 
-def loader(dataset, vocab, rank=0, world=1, split=False):
+def loader(dataset, vocab, split=False, **packing):
     return PackedBatchLoader.open([BlendEntry(str(dataset), 1.0)], vocab,
-                                  PackingSettings(seq_length=256, block_size=32, split_samples=split),
-                                  micro_batch_size=2, seed=5, dp_rank=rank, dp_world=world)
+                                  PackingSettings(**{"seq_length": 256, "block_size": 32, "split_samples": split,
+                                                     **packing}), seed=5)
 
 
 def test_loader_batches_follow_contract(demo):
-    root, vocab = demo.root, demo.vocab
+    vocab = demo.vocab
     stream = loader(demo.dataset, vocab)
-    batch = next(stream)
+    batch = stream.rows([0, 1])
     assert batch.tokens.shape == (2, 256)
     for row in range(2):
         doc_ids = batch.doc_ids[row].numpy()
@@ -97,6 +98,7 @@ def test_loader_batches_follow_contract(demo):
             assert batch.position_ids[row, where].tolist() == list(range(len(where)))
         assert not batch.maskable[row][~torch_bool(used)].any()
     assert 0.0 < stream.stats.efficiency <= 1.0
+    assert stream.plan.path.startswith(str(demo.dataset.parent / "row_plans"))
 
 
 def torch_bool(mask):
@@ -105,19 +107,30 @@ def torch_bool(mask):
 
 
 def test_loader_resume_and_dp_sharding(demo):
-    root, vocab = demo.root, demo.vocab
+    vocab = demo.vocab
     straight = loader(demo.dataset, vocab, split=True)
-    for _ in range(3):
-        next(straight)
-    state = straight.state_dict()
-    expected = [next(straight).tokens for _ in range(3)]
+    expected = [straight.rows(microbatch_rows(3, k, 0, 1, 2, 4)).tokens for k in range(2)]
+    # a new process (here: a new loader reading the cached plan) resumes at iteration 3
     resumed = loader(demo.dataset, vocab, split=True)
-    resumed.load_state_dict(state)
-    assert all((next(resumed).tokens == e).all() for e in expected)
-    # two DP ranks together read what one rank reads with a doubled micro-batch
-    ranks = [next(loader(demo.dataset, vocab, rank=r, world=2, split=True)).tokens for r in range(2)]
-    single = loader(demo.dataset, vocab, split=True)
-    assert (single.rows([0, 1, 2, 3]).tokens == np.concatenate([t.numpy() for t in ranks])).all()
+    assert all((resumed.rows(microbatch_rows(3, k, 0, 1, 2, 4)).tokens == e).all() for k, e in enumerate(expected))
+    # two DP ranks with one micro-batch each read what one rank reads in two
+    ranks = [resumed.rows(microbatch_rows(3, 0, r, 2, 2, 4)).tokens for r in range(2)]
+    assert (np.concatenate([t.numpy() for t in ranks]) == np.concatenate([e.numpy() for e in expected])).all()
+    # reading past the planned rows extends the plan; earlier rows keep their content
+    far = straight.plan.rows + 5
+    straight.rows([far])
+    assert straight.plan.rows > far and (straight.rows([14, 15]).tokens == expected[1]).all()
+
+
+@pytest.mark.timeout(300)
+def test_loader_stops_when_overlong_drop_leaves_nothing(demo):
+    """Every demo document is longer than 32 tokens: with overlong=drop the blend would read
+    forever; the loader must say which dataset and why, at once."""
+    vocab = demo.vocab
+    assert SampleDataset(str(demo.dataset)).lengths.min() > 32
+    with pytest.raises(ValueError, match=r"dataset '.*demo': none of its \d+ documents can be packed"):
+        loader(demo.dataset, vocab, seq_length=32, overlong="drop")
+    assert loader(demo.dataset, vocab, seq_length=32, overlong="truncate").stats.truncated > 0
 
 
 def test_open_training_data_from_recipe_sections(demo):
@@ -127,10 +140,15 @@ def test_open_training_data_from_recipe_sections(demo):
     tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "model", "tiny.yaml")
     cfg = load_config(tiny, [f"data.path={demo.dataset}", f"data.tokenizer={root / 'tokenizer'}",
                              "data.seq_length=128", "data.block_size=16", "model.text_vocab=1024",
-                             "model.num_image_codes=256"])
-    batch = next(open_training_data(cfg.data, cfg.model))
+                             "model.num_image_codes=256", "data.lookahead=3", "data.split_samples=true",
+                             "data.overlong=truncate", f"data.cache_dir={root / 'plans'}"])
+    opened = open_training_data(cfg.data, cfg.model, rows=10)
+    batch = opened.rows(list(range(cfg.data.micro_batch_size)))
     assert batch.tokens.shape == (cfg.data.micro_batch_size, 128)
     assert int(batch.tokens.max()) < 1280
+    assert opened.packing == PackingSettings(128, 16, split_samples=True, overlong="truncate", lookahead=3)
+    assert opened.plan.path.startswith(str(root / "plans")) and opened.plan.rows >= 10
+    assert "lookahead 3 split_samples True overlong truncate" in opened.packing_summary()
     cfg.data.tokenizer = None
     with pytest.raises(ValueError, match="data.tokenizer must be set"):
         open_training_data(cfg.data, cfg.model)

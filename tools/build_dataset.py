@@ -17,7 +17,7 @@ import sys
 from tqdm import tqdm
 
 from megatron_uni.data.build import BuildSettings, build_dataset
-from megatron_uni.data.packing import PackingSettings, PackingStats, plan_rows
+from megatron_uni.data.packing import PackingSettings, pack
 from megatron_uni.errors import one_line_errors
 
 
@@ -72,11 +72,7 @@ def packing_report(prefix: str, seq_length: int, block_size: int, lookahead: int
     from megatron_uni.data.storage import SampleDataset
 
     lengths = SampleDataset(prefix).lengths
-    stats = PackingStats()
-    settings = PackingSettings(seq_length, block_size, lookahead=lookahead)
-    for _ in plan_rows(((i, int(n)) for i, n in enumerate(lengths)), settings, stats):
-        pass
-    return stats.summary()
+    return pack(lengths, PackingSettings(seq_length, block_size, lookahead=lookahead)).stats.summary()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
+from megatron_uni.errors import DataError
 from megatron_uni.fileio import atomic_write_bytes, write_json
 
 MAGIC = b"MUVQCODE"
@@ -53,9 +54,9 @@ def encode_shard(entries: Sequence[Tuple[str, int, int, np.ndarray]], bad: Seque
     for key, grid_h, grid_w, codes in entries:
         flat = np.asarray(codes).reshape(-1)
         if flat.size != grid_h * grid_w:
-            raise ValueError(f"image {key!r}: {flat.size} codes for a {grid_h}x{grid_w} grid")
+            raise DataError(f"image {key!r}: {flat.size} codes for a {grid_h}x{grid_w} grid")
         if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(CODE_DTYPE).max):
-            raise ValueError(f"image {key!r}: codes outside [0, {np.iinfo(CODE_DTYPE).max}]")
+            raise DataError(f"image {key!r}: codes outside [0, {np.iinfo(CODE_DTYPE).max}]")
         offsets.append(total)
         total += flat.size
         chunks.append(flat.astype(CODE_DTYPE).tobytes())
@@ -74,11 +75,11 @@ def read_shard_header(path: str) -> Tuple[dict, int]:
     with open(path, "rb") as handle:
         magic = handle.read(len(MAGIC))
         if magic != MAGIC:
-            raise ValueError(f"{path} is not an image-code shard (bad magic {magic!r})")
+            raise DataError(f"{path} is not an image-code shard (bad magic {magic!r})")
         (length,) = _HEADER_LEN.unpack(handle.read(_HEADER_LEN.size))
         header = json.loads(handle.read(length))
     if header.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: shard format version {header.get('version')} != {FORMAT_VERSION}")
+        raise DataError(f"{path}: shard format version {header.get('version')} != {FORMAT_VERSION}")
     return header, len(MAGIC) + _HEADER_LEN.size + length
 
 
@@ -92,7 +93,7 @@ def merge_index(directory: str, shard_indices: Iterable[int], meta: dict) -> dic
         shards.append(shard_name(index))
         for item, key in enumerate(header["keys"]):
             if key in entries:
-                raise ValueError(f"image key {key!r} appears in {shards[entries[key][0]]} and {shard_name(index)}")
+                raise DataError(f"image key {key!r} appears in {shards[entries[key][0]]} and {shard_name(index)}")
             entries[key] = [position, item]
         bad.extend(header["bad"])
     index = {"version": FORMAT_VERSION, "meta": meta, "shards": shards, "num_images": len(entries),
@@ -125,7 +126,7 @@ class ImageCodeStore:
         with open(path) as handle:
             index = json.load(handle)
         if index.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: store version {index.get('version')} != {FORMAT_VERSION}")
+            raise DataError(f"{path}: store version {index.get('version')} != {FORMAT_VERSION}")
         self.meta = index["meta"]
         self._shards: List[str] = index["shards"]
         self._entries: Dict[str, List[int]] = index["entries"]

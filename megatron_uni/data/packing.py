@@ -6,14 +6,16 @@ row starts the next row (``split_samples=False``) or fills the room and continue
 the next row, cut at a block boundary (``split_samples=True``). A document longer than a row is
 truncated or dropped (``overlong``), and counted; it is never wrapped.
 
-Planning only needs lengths, so the plan of a whole run is cheap and deterministic; rows are
-materialised from the stored samples when a batch is read.
+Planning only needs lengths: :func:`pack` plans a whole prefix of documents at once (numpy, and
+one tight loop per row for the lookahead window), deterministically; the run's plan is cached by
+:mod:`megatron_uni.data.row_plan`, and rows are materialised from the stored samples when read.
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
-from typing import Callable, Hashable, Iterator, List, Tuple
+from typing import Callable, Hashable, List, Optional, Tuple
 
 import numpy as np
 
@@ -43,6 +45,9 @@ class PackingSettings:
     def padded(self, length: int) -> int:
         return round_up(length, self.block_size)
 
+    def padded_lengths(self, lengths: np.ndarray) -> np.ndarray:
+        return -(-lengths // self.block_size) * self.block_size
+
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
@@ -63,105 +68,207 @@ class PackingStats:
     truncated: int = 0
     dropped: int = 0
     split: int = 0                # documents continued on the next row
+    lost_tokens: int = 0          # tokens of dropped documents and cut from truncated ones
 
     @property
     def efficiency(self) -> float:
-        """Non-pad fraction of all packed positions."""
-        total = self.real_tokens + self.document_pad_tokens + self.row_pad_tokens
+        """Packed tokens over (packed positions + tokens lost to ``overlong``): padding and
+        dropped or truncated data both count against it."""
+        total = self.real_tokens + self.document_pad_tokens + self.row_pad_tokens + self.lost_tokens
         return self.real_tokens / total if total else 0.0
 
     def summary(self) -> str:
         return (f"{self.rows} rows, {self.documents} documents, efficiency {self.efficiency:.1%} "
-                f"(block pad {self.document_pad_tokens}, row pad {self.row_pad_tokens}), "
-                f"{self.split} split, {self.truncated} truncated, {self.dropped} dropped")
+                f"(block pad {self.document_pad_tokens}, row pad {self.row_pad_tokens}, "
+                f"lost {self.lost_tokens}), {self.split} split, {self.truncated} truncated, "
+                f"{self.dropped} dropped")
 
 
-def plan_rows(documents: Iterator[Tuple[Hashable, int]], settings: PackingSettings,
-              stats: PackingStats) -> Iterator[List[Segment]]:
-    """Greedy in-order packing of ``(ref, length)`` documents into rows of segments."""
-    if not settings.split_samples:
-        yield from _plan_whole(documents, settings, stats)
-        return
-    row: List[Segment] = []
-    used = 0
-    for ref, length in documents:
-        length = _apply_overlong(length, settings, stats)
-        if length == 0:
-            continue
-        stats.documents += 1
-        start = 0
-        while start < length:
-            room = settings.seq_length - used
-            need = settings.padded(length - start)
-            if need <= room:
-                row.append(Segment(ref, start, length))
-                used += need
-                start = length
-            elif settings.split_samples and room > 0:
-                row.append(Segment(ref, start, start + room))  # room is a block multiple
-                used, start = settings.seq_length, start + room
-                stats.split += 1
-            if used == settings.seq_length or (start < length and need > room):
-                yield _close_row(row, used, settings, stats)
-                row, used = [], 0
-    if row:
-        yield _close_row(row, used, settings, stats)
+@dataclasses.dataclass
+class PackedRows:
+    """Rows as flat arrays: segments ``row_offsets[r]:row_offsets[r+1]`` form row ``r``; each
+    segment is tokens ``[start, end)`` of input document ``document``."""
+
+    row_offsets: np.ndarray   # int64 [rows + 1]
+    document: np.ndarray      # int64 [segments], index into the packed lengths
+    start: np.ndarray         # int32 [segments]
+    end: np.ndarray           # int32 [segments]
+    stats: PackingStats
+
+    @property
+    def rows(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def row(self, index: int) -> List[Segment]:
+        lo, hi = self.row_offsets[index], self.row_offsets[index + 1]
+        return [Segment(int(d), int(s), int(e))
+                for d, s, e in zip(self.document[lo:hi], self.start[lo:hi], self.end[lo:hi])]
 
 
-def _plan_whole(documents: Iterator[Tuple[Hashable, int]], settings: PackingSettings,
-                stats: PackingStats) -> Iterator[List[Segment]]:
-    """Never split: each row takes, in turn, the first of the next ``lookahead`` documents that
-    fits the room left (lookahead 1 = strictly in order); a row closes when none fits."""
-    pending: List[Tuple[Hashable, int]] = []
-    documents = iter(documents)
-    row: List[Segment] = []
-    used = 0
-    exhausted = False
-    while True:
-        while not exhausted and len(pending) < settings.lookahead:
-            ref, length = next(documents, (None, -1))
-            if length < 0:
-                exhausted = True
-                continue
-            kept = _apply_overlong(length, settings, stats)
-            if kept:
-                pending.append((ref, kept))
-        if not pending:
-            break
-        room = settings.seq_length - used
-        pick = next((i for i, (_, n) in enumerate(pending) if settings.padded(n) <= room), None)
-        if pick is None:
-            yield _close_row(row, used, settings, stats)
-            row, used = [], 0
-            continue
-        ref, length = pending.pop(pick)
-        row.append(Segment(ref, 0, length))
-        used += settings.padded(length)
-        stats.documents += 1
-        if used == settings.seq_length:
-            yield _close_row(row, used, settings, stats)
-            row, used = [], 0
-    if row:
-        yield _close_row(row, used, settings, stats)
+def pack(lengths: np.ndarray, settings: PackingSettings, max_rows: Optional[int] = None,
+         complete_only: bool = False) -> PackedRows:
+    """Pack documents of ``lengths`` (in this order) into rows; at most ``max_rows`` rows.
+
+    ``complete_only`` keeps only rows that no document after the last one could have changed
+    (rows closed before the input ran out): the rows of an endless stream, planned from a prefix.
+    Stats cover the rows returned and the documents read to plan them."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    kept, truncated = _apply_overlong(lengths, settings)
+    index = np.flatnonzero(kept > 0)                       # documents that take part
+    kept = kept[index]
+    padded = settings.padded_lengths(kept)
+    if settings.split_samples:
+        offsets, seg, start, end, complete = _pack_split(padded, kept, settings)
+        exhausted = True
+    else:
+        offsets, seg, complete, exhausted = _pack_whole(padded, settings, max_rows)
+        start = np.zeros(len(seg), np.int32)
+        end = kept[seg].astype(np.int32)
+    del kept, padded
+    planned = len(offsets) - 1
+    rows = min(planned, complete if complete_only else planned, planned if max_rows is None else max_rows)
+    offsets, seg, start, end = offsets[:rows + 1], seg[:offsets[rows]], start[:offsets[rows]], end[:offsets[rows]]
+    document = index[seg]
+    # documents read: all of them when every row was kept, else up to the last one placed
+    read = len(lengths) if exhausted and rows == planned else int(document.max(initial=-1)) + 1
+    stats = row_stats(offsets, start, end, settings)
+    stats.dropped, stats.truncated, stats.lost_tokens = overlong_counts(lengths[:read], settings)
+    return PackedRows(offsets, document, start, end, stats)
 
 
-def _apply_overlong(length: int, settings: PackingSettings, stats: PackingStats) -> int:
-    if length <= settings.seq_length:
-        return length
+def _apply_overlong(lengths: np.ndarray, settings: PackingSettings) -> Tuple[np.ndarray, np.ndarray]:
+    """Lengths kept per document (0 = dropped) and the mask of truncated documents."""
+    over = lengths > settings.seq_length
     if settings.overlong == "drop":
-        stats.dropped += 1
-        return 0
-    stats.truncated += 1
-    return settings.seq_length
+        return np.where(over, 0, lengths), np.zeros_like(over)
+    return np.minimum(lengths, settings.seq_length), over
 
 
-def _close_row(row: List[Segment], used: int, settings: PackingSettings, stats: PackingStats) -> List[Segment]:
-    stats.rows += 1
-    real = sum(s.end - s.start for s in row)
-    stats.real_tokens += real
-    stats.document_pad_tokens += used - real
-    stats.row_pad_tokens += settings.seq_length - used
-    return row
+def _pack_whole(padded: np.ndarray, settings: PackingSettings,
+                max_rows: Optional[int]) -> Tuple[np.ndarray, np.ndarray, int, bool]:
+    """Never split: each row takes, in turn, the first of the next ``lookahead`` unplaced documents
+    that fits the room left (lookahead 1 = strictly in order); a row closes when none fits.
+
+    One forward scan per row over (documents left over by earlier rows) + (the stream): a
+    document that did not fit never fits later in the same row, so nothing is scanned twice in a
+    row. Returns row offsets, segment -> document, how many leading rows are complete, and
+    whether every document was placed."""
+    limit = settings.seq_length
+    window = settings.lookahead
+    horizon = window + limit // settings.block_size + 1    # stream documents one row may scan
+    offsets, segments = array.array("q", [0]), array.array("q")
+    left: List[Tuple[int, int]] = []                       # (document, padded) not yet placed
+    stream = _Window(padded, horizon)
+    complete = None
+    while (left or stream.position < len(padded)) and (max_rows is None or len(offsets) <= max_rows):
+        left, full = _fill_row(left, stream, limit, window, segments)
+        offsets.append(len(segments))
+        if not full and complete is None:
+            complete = len(offsets) - 2
+    complete = len(offsets) - 1 if complete is None else complete
+    exhausted = not left and stream.position == len(padded)
+    return np.frombuffer(offsets, np.int64), np.frombuffer(segments, np.int64), complete, exhausted
+
+
+class _Window:
+    """The stream of padded lengths, handed to the scan as Python ints a chunk at a time."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, padded: np.ndarray, horizon: int) -> None:
+        self.padded, self.horizon = padded, horizon
+        self.position, self.base, self.items = 0, 0, []
+
+    def ensure(self) -> None:
+        """Make ``items`` cover ``[position, position + horizon)`` (or the stream's end)."""
+        have = self.base + len(self.items)
+        if self.position + self.horizon > have and have < len(self.padded):
+            upto = min(len(self.padded), self.position + self.horizon + self.CHUNK)
+            self.items = self.items[self.position - self.base:] + self.padded[have:upto].tolist()
+            self.base = self.position
+
+
+def _fill_row(left: List[Tuple[int, int]], stream: _Window, room: int, window: int,
+              segments: "array.array") -> Tuple[List[Tuple[int, int]], bool]:
+    """Place documents into one row; return the documents left unplaced and whether the row
+    closed for good (full, or ``window`` unplaced documents seen) rather than at the stream's end."""
+    unplaced: List[Tuple[int, int]] = []
+    for k, (doc, size) in enumerate(left):
+        if len(unplaced) >= window:
+            return unplaced + left[k:], True
+        if size <= room:
+            segments.append(doc)
+            room -= size
+            if room == 0:
+                return unplaced + left[k + 1:], True
+        else:
+            unplaced.append((doc, size))
+    stream.ensure()
+    items, base, doc, end = stream.items, stream.base, stream.position, len(stream.padded)
+    full = False
+    while doc < end:
+        if len(unplaced) >= window:
+            full = True
+            break
+        size = items[doc - base]
+        if size <= room:
+            segments.append(doc)
+            room -= size
+            doc += 1
+            if room == 0:
+                full = True
+                break
+        else:
+            unplaced.append((doc, size))
+            doc += 1
+    stream.position = doc
+    return unplaced, full
+
+
+def _pack_split(padded: np.ndarray, lengths: np.ndarray, settings: PackingSettings):
+    """Split mode: documents lie end to end (each padded to blocks) and rows cut that line every
+    ``seq_length`` positions; a document crossing a cut continues at the start of the next row."""
+    limit = settings.seq_length
+    ends = np.cumsum(padded)
+    begins = ends - padded
+    first_row, last_row = begins // limit, (ends - 1) // limit
+    crossing = last_row > first_row                       # padded <= limit: at most one cut
+    pieces = 1 + crossing.astype(np.int64)
+    seg = np.repeat(np.arange(len(padded)), pieces)
+    second = np.zeros(len(seg), bool)
+    second[np.cumsum(pieces)[crossing] - 1] = True
+    cut = (last_row * limit - begins)[seg]                # tokens before the cut
+    start = np.where(second, cut, 0).astype(np.int32)
+    end = np.where(crossing[seg] & ~second, cut, lengths[seg]).astype(np.int32)
+    seg_row = np.where(second, last_row[seg], first_row[seg])
+    rows = int(last_row[-1]) + 1 if len(padded) else 0
+    offsets = np.searchsorted(seg_row, np.arange(rows + 1), side="left").astype(np.int64)
+    # complete: rows up to the last cut that falls between two documents (nothing continues
+    # past it, so the rows before it cannot change, and a later plan can resume there)
+    complete = int((ends[ends % limit == 0] // limit).max(initial=0))
+    return offsets, seg, start, end, complete
+
+
+def row_stats(offsets: np.ndarray, start: np.ndarray, end: np.ndarray, settings: PackingSettings) -> PackingStats:
+    """Statistics of packed rows (``overlong`` counts left at 0: see :func:`overlong_counts`)."""
+    real = (end - start).astype(np.int64)
+    used = int(settings.padded_lengths(real).sum())
+    rows = len(offsets) - 1
+    return PackingStats(rows=rows, documents=int(np.count_nonzero(start == 0)), real_tokens=int(real.sum()),
+                        document_pad_tokens=used - int(real.sum()), row_pad_tokens=rows * settings.seq_length - used,
+                        split=int(np.count_nonzero(start > 0)))
+
+
+def overlong_counts(lengths: np.ndarray, settings: PackingSettings) -> Tuple[int, int, int]:
+    """(dropped, truncated, tokens lost) among documents of ``lengths``."""
+    over = lengths > settings.seq_length
+    lost = int((lengths[over] - (0 if settings.overlong == "drop" else settings.seq_length)).sum())
+    count = int(over.sum())
+    return (count, 0, lost) if settings.overlong == "drop" else (0, count, lost)
+
+
+def add_stats(a: PackingStats, b: PackingStats) -> PackingStats:
+    return PackingStats(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(PackingStats)})
 
 
 def materialize_row(row: List[Segment], fetch: Callable[[Hashable, int, int], TokenizedSample],

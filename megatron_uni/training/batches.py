@@ -14,6 +14,7 @@ import torch
 
 from megatron_uni.config import Config
 from megatron_uni.data.loader import open_training_data
+from megatron_uni.data.sampler import microbatch_rows
 from megatron_uni.diffusion.inputs import DiffusionInputs, build_inputs
 from megatron_uni.tokens import Vocabulary
 
@@ -26,13 +27,14 @@ class MicrobatchSource:
                                     f"tools/build_dataset.py, or run `make demo-data`)")
         self.cfg = cfg
         # one loader over the whole row sequence; rows are addressed directly, never iterated
-        self.loader = open_training_data(cfg.data, cfg.model, stage=cfg.data.stage)
+        self.loader = open_training_data(cfg.data, cfg.model, stage=cfg.data.stage,
+                                         rows=cfg.schedule.train_iters * cfg.data.global_batch_size)
         self.vocab: Vocabulary = self.loader.vocab
 
     def __call__(self, iteration: int, index: int, dp_rank: int, dp_size: int) -> DiffusionInputs:
-        mbs = self.cfg.data.micro_batch_size
-        first = iteration * self.cfg.data.global_batch_size + (index * dp_size + dp_rank) * mbs
-        batch = self.loader.rows(list(range(first, first + mbs)))
+        d = self.cfg.data
+        batch = self.loader.rows(microbatch_rows(iteration, index, dp_rank, dp_size, d.micro_batch_size,
+                                                 d.global_batch_size))
         generator = torch.Generator().manual_seed(
             hash((self.cfg.data.seed, iteration, index, dp_rank)) & 0x7FFF_FFFF_FFFF_FFFF)
         return build_inputs(batch, self.vocab, self.cfg.diffusion, generator, block_size=self.cfg.data.block_size)
