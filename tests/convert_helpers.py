@@ -27,11 +27,7 @@ def tiny_config():
 def read_hf_folder(folder: str) -> Dict[str, torch.Tensor]:
     from megatron_uni.convert.hf_io import HFCheckpoint
 
-    hf = HFCheckpoint(folder)
-    tensors: Dict[str, torch.Tensor] = {}
-    for shard in hf.shards:
-        tensors.update(hf.read_shard(shard, [n for n, i in hf.infos.items() if i.shard == shard]))
-    return tensors
+    return HFCheckpoint(folder).read_all()
 
 
 def run_tool(script: str, args: List[str]) -> subprocess.CompletedProcess:

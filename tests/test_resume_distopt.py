@@ -16,8 +16,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from megatron_uni.data.build import BuildSettings, build_dataset
-from megatron_uni.data.demo import make_demo_data
 from megatron_uni.platform.distributed import file_rendezvous
 
 pytestmark = pytest.mark.timeout(900)
@@ -26,18 +24,8 @@ RECIPE = "recipes/demo/tiny_cpu.yaml"
 MOMENTS = ("param", "exp_avg", "exp_avg_sq")
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("demo"))
-    make_demo_data(root, num_scenes=12, num_paragraphs=16, seed=0)
-    settings = BuildSettings(tokenizer_dir=os.path.join(root, "tokenizer"),
-                             image_codes=os.path.join(root, "image_codes.json"), num_image_codes=256)
-    build_dataset([os.path.join(root, "samples.jsonl")], os.path.join(root, "dataset", "demo"), settings)
-    return root
-
-
 def _overrides(demo, save, iters, *extra):
-    return [f"data.path={demo}/dataset/demo", f"data.tokenizer={demo}/tokenizer", f"checkpoint.save={save}",
+    return [f"data.path={demo.dataset}", f"data.tokenizer={demo.root / 'tokenizer'}", f"checkpoint.save={save}",
             f"schedule.train_iters={iters}", "schedule.warmup_iters=1", "checkpoint.save_interval=0",
             "data.seq_length=64", "parallel.distributed_optimizer=true", *extra]
 

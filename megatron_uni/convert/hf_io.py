@@ -107,6 +107,13 @@ class HFCheckpoint:
         with open_shard(os.path.join(self.folder, shard)) as f:
             return {name: f.get_tensor(name) for name in names}
 
+    def read_all(self) -> Dict[str, torch.Tensor]:
+        """Every tensor of the folder, one shard at a time (small models: tests, the reference runner)."""
+        tensors: Dict[str, torch.Tensor] = {}
+        for shard in self.shards:
+            tensors.update(self.read_shard(shard, [n for n, info in self.infos.items() if info.shard == shard]))
+        return tensors
+
 
 # ----------------------------------------------------------------------------------------------
 # writing

@@ -11,11 +11,7 @@ from megatron_uni.convert.hf_io import CONFIG_FILE, HFCheckpoint, read_json
 
 
 def read_hf_weights(folder: str) -> Dict[str, torch.Tensor]:
-    hf = HFCheckpoint(folder)
-    weights: Dict[str, torch.Tensor] = {}
-    for shard in hf.shards:
-        weights.update(hf.read_shard(shard, [n for n, info in hf.infos.items() if info.shard == shard]))
-    return weights
+    return HFCheckpoint(folder).read_all()
 
 
 def hf_runner(folder: str, cached: bool = True, dtype: torch.dtype = torch.float32):
