@@ -46,7 +46,7 @@ class PackingSettings:
         return round_up(length, self.block_size)
 
     def padded_lengths(self, lengths: np.ndarray) -> np.ndarray:
-        return -(-lengths // self.block_size) * self.block_size
+        return round_up(lengths, self.block_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ import numpy as np
 from megatron_uni.data.blend import BlendCursor
 from megatron_uni.data.packing import PackingSettings, PackingStats, Segment, add_stats, pack, row_stats
 from megatron_uni.errors import DataError
+from megatron_uni.rounding import round_up
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ def _documents_per_row(inputs: PlanInputs) -> float:
 # the file
 # ----------------------------------------------------------------------------------------------
 def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
+    return round_up(n, ALIGN)
 
 
 def _data_size(table: Dict[str, dict]) -> int:

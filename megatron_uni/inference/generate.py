@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from megatron_uni.inference.sampling import SamplerSettings, accept_positions, choose_tokens, transfer_schedule
+from megatron_uni.rounding import round_up
 from megatron_uni.tokens import Vocabulary
 
 # rows of logits [rows, n, V] -> guided logits [n, V]; row 0 is the conditional branch
@@ -77,7 +78,7 @@ def build_canvas(request: GenerationRequest, vocabulary: Vocabulary, block_size:
     span_end = prompt_length + request.length
     total = span_end + len(request.suffix)
     if request.pad_to_block:
-        total = -(-total // block_size) * block_size
+        total = round_up(total, block_size)
     rows = len(request.prompts)
     tokens = torch.full((rows, total), vocabulary.mask_id, dtype=torch.long)
     valid = torch.ones((rows, total), dtype=torch.bool)
