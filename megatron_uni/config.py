@@ -194,9 +194,12 @@ class DiffusionConfig:
 
     t_min: float = 0.3                     # mask-ratio bandwidth (SFT 0.3-0.8; pretraining ~[1e-3, 1])
     t_max: float = 0.8
-    per_block: bool = False                # one t per block instead of per sample
-    antithetic: bool = False               # stratified t across the micro-batch
-    complementary: bool = False            # each sample followed by its complement-masked copy
+    per_block: bool = False                # one t per block instead of per document
+    antithetic: bool = False               # stratified t across the global batch (layout-independent)
+    # each sample followed by its complement-masked copy: DOUBLES the rows the model sees (2 x
+    # micro_batch_size rows of 2L, or micro_batch_size rows of 3L with shared_clean); t is then drawn
+    # from [max(t_min, 1-t_max), min(t_max, 1-t_min)] so 1-t stays in the band (needs t_min <= 0.5 <= t_max)
+    complementary: bool = False
     shared_clean: bool = False             # complementary pair as one [noisy_a | noisy_b | clean] 3L row
     weighting: Weighting = "mean"
     prefix_aware: bool = False
@@ -388,6 +391,10 @@ def validate_diffusion(d: DiffusionConfig) -> None:
     _check_choices("diffusion", d)
     _require(0.0 <= d.t_min <= d.t_max <= 1.0,
              f"diffusion.t_min={d.t_min} / diffusion.t_max={d.t_max} must satisfy 0 <= t_min <= t_max <= 1")
+    _require(not d.complementary or d.t_min <= 0.5 <= d.t_max,
+             f"diffusion.complementary=true needs diffusion.t_min={d.t_min} <= 0.5 <= diffusion.t_max={d.t_max}: "
+             f"t is drawn from the band's symmetric part [max(t_min, 1-t_max), min(t_max, 1-t_min)] so the "
+             f"complement's ratio 1-t stays in the band")
     _require(d.complementary or not d.shared_clean,
              "diffusion.shared_clean=true needs diffusion.complementary=true (it shares the clean copy of a "
              "complementary pair)")

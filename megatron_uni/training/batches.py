@@ -1,21 +1,22 @@
 """Micro-batches for the loop: stored data -> packed ``Batch`` -> BDLM ``DiffusionInputs``.
 
 Stateless by design: the packed row sequence is a pure function of (datasets, weights, seed), so
-micro-batch ``index`` of ``iteration`` on data-parallel rank ``dp_rank`` reads rows
-``iteration * global_batch + (index * dp_size + dp_rank) * micro_batch ...`` and its noise comes
-from a generator seeded by (seed, iteration, index, dp_rank). Every TP/PP rank of a replica thus
-builds the identical micro-batch, and resuming needs nothing but the iteration.
+micro-batch ``index`` of ``iteration`` on data-parallel rank ``dp_rank`` reads the rows
+``data.sampler.microbatch_plan`` names, and each row's noise is keyed by (data.seed, global row)
+(``diffusion.noising.RowKeys``). Every TP/PP rank of a replica thus builds the identical
+micro-batch, a row gets the same noise at any DP / micro-batch size, and resuming needs nothing
+but the iteration.
 """
 
 from __future__ import annotations
 
 import os
-import torch
 
 from megatron_uni.config import Config
 from megatron_uni.data.loader import open_training_data
-from megatron_uni.data.sampler import microbatch_rows
+from megatron_uni.data.sampler import microbatch_plan
 from megatron_uni.diffusion.inputs import DiffusionInputs, build_inputs
+from megatron_uni.diffusion.noising import RowKeys
 from megatron_uni.tokens import Vocabulary
 
 
@@ -33,11 +34,15 @@ class MicrobatchSource:
 
     def __call__(self, iteration: int, index: int, dp_rank: int, dp_size: int) -> DiffusionInputs:
         d = self.cfg.data
-        batch = self.loader.rows(microbatch_rows(iteration, index, dp_rank, dp_size, d.micro_batch_size,
-                                                 d.global_batch_size))
-        generator = torch.Generator().manual_seed(
-            hash((self.cfg.data.seed, iteration, index, dp_rank)) & 0x7FFF_FFFF_FFFF_FFFF)
-        return build_inputs(batch, self.vocab, self.cfg.diffusion, generator, block_size=self.cfg.data.block_size)
+        rows = microbatch_plan(iteration, index, dp_rank, dp_size, d.micro_batch_size, d.global_batch_size)
+        return self.build(rows)
+
+    def build(self, rows) -> DiffusionInputs:
+        """The micro-batch of these global rows: fetch -> pack -> row-keyed noise -> layout."""
+        d = self.cfg.data
+        keys = RowKeys(seed=d.seed, rows=tuple(rows), global_batch_size=d.global_batch_size)
+        return build_inputs(self.loader.rows(rows), self.vocab, self.cfg.diffusion, block_size=d.block_size,
+                            keys=keys)
 
     @property
     def model_seq_length(self) -> int:
