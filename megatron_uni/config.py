@@ -152,7 +152,8 @@ class DataConfig:
     block_size: int = 32
     micro_batch_size: int = 2
     global_batch_size: int = 4
-    num_workers: int = 0
+    num_workers: int = 0                   # >0: build micro-batches in this many worker processes per rank
+    prefetch: int = 2                      # micro-batches each worker keeps in flight (num_workers > 0)
     seed: int = 1234
     stage: Optional[str] = None            # entry of a blend file's `stages:` mapping (e.g. align, sft)
     lookahead: int = 8                     # fill a row with the first fitting of the next N documents (1: in order)
@@ -475,6 +476,8 @@ def validate(cfg: Config) -> None:
              f"data.global_batch_size={d.global_batch_size} must be divisible by "
              f"data.micro_batch_size={d.micro_batch_size}")
     _require(d.block_size >= 1, f"data.block_size={d.block_size} must be >= 1")
+    _require(d.num_workers >= 0 and d.prefetch >= 1,
+             f"data.num_workers={d.num_workers} must be >= 0 and data.prefetch={d.prefetch} >= 1")
     validate_diffusion(cfg.diffusion)
     _check_choices("schedule", cfg.schedule)
     _check_choices("logging", cfg.logging)
