@@ -152,7 +152,8 @@ class DataConfig:
     block_size: int = 32
     micro_batch_size: int = 2
     global_batch_size: int = 4
-    num_workers: int = 0
+    num_workers: int = 0                   # >0: build micro-batches in this many worker processes per rank
+    prefetch: int = 2                      # micro-batches each worker keeps in flight (num_workers > 0)
     seed: int = 1234
     stage: Optional[str] = None            # entry of a blend file's `stages:` mapping (e.g. align, sft)
     lookahead: int = 8                     # fill a row with the first fitting of the next N documents (1: in order)
@@ -194,9 +195,12 @@ class DiffusionConfig:
 
     t_min: float = 0.3                     # mask-ratio bandwidth (SFT 0.3-0.8; pretraining ~[1e-3, 1])
     t_max: float = 0.8
-    per_block: bool = False                # one t per block instead of per sample
-    antithetic: bool = False               # stratified t across the micro-batch
-    complementary: bool = False            # each sample followed by its complement-masked copy
+    per_block: bool = False                # one t per block instead of per document
+    antithetic: bool = False               # stratified t across the global batch (layout-independent)
+    # each sample followed by its complement-masked copy: DOUBLES the rows the model sees (2 x
+    # micro_batch_size rows of 2L, or micro_batch_size rows of 3L with shared_clean); t is then drawn
+    # from [max(t_min, 1-t_max), min(t_max, 1-t_min)] so 1-t stays in the band (needs t_min <= 0.5 <= t_max)
+    complementary: bool = False
     shared_clean: bool = False             # complementary pair as one [noisy_a | noisy_b | clean] 3L row
     weighting: Weighting = "mean"
     prefix_aware: bool = False
@@ -388,6 +392,10 @@ def validate_diffusion(d: DiffusionConfig) -> None:
     _check_choices("diffusion", d)
     _require(0.0 <= d.t_min <= d.t_max <= 1.0,
              f"diffusion.t_min={d.t_min} / diffusion.t_max={d.t_max} must satisfy 0 <= t_min <= t_max <= 1")
+    _require(not d.complementary or d.t_min <= 0.5 <= d.t_max,
+             f"diffusion.complementary=true needs diffusion.t_min={d.t_min} <= 0.5 <= diffusion.t_max={d.t_max}: "
+             f"t is drawn from the band's symmetric part [max(t_min, 1-t_max), min(t_max, 1-t_min)] so the "
+             f"complement's ratio 1-t stays in the band")
     _require(d.complementary or not d.shared_clean,
              "diffusion.shared_clean=true needs diffusion.complementary=true (it shares the clean copy of a "
              "complementary pair)")
@@ -468,6 +476,8 @@ def validate(cfg: Config) -> None:
              f"data.global_batch_size={d.global_batch_size} must be divisible by "
              f"data.micro_batch_size={d.micro_batch_size}")
     _require(d.block_size >= 1, f"data.block_size={d.block_size} must be >= 1")
+    _require(d.num_workers >= 0 and d.prefetch >= 1,
+             f"data.num_workers={d.num_workers} must be >= 0 and data.prefetch={d.prefetch} >= 1")
     validate_diffusion(cfg.diffusion)
     _check_choices("schedule", cfg.schedule)
     _check_choices("logging", cfg.logging)

@@ -199,24 +199,29 @@ def _optimizer_step(chunks, optimizer, layout_dir: str, rank: int) -> dict:
 # data
 # ----------------------------------------------------------------------------------------------
 def local_microbatch_indices(dp_rank: int, dp_size: int) -> List[int]:
-    """This data-parallel rank's contiguous share of the global batch's micro-batches."""
-    if NUM_MICROBATCHES % dp_size:
-        raise ValueError(f"{NUM_MICROBATCHES} micro-batches cannot be split over {dp_size} DP ranks")
+    """This data-parallel rank's micro-batches, as the training sampler assigns them: index g
+    holds global rows ``[g * MICRO_BATCH_SIZE, (g + 1) * MICRO_BATCH_SIZE)`` of iteration 0."""
+    from megatron_uni.data.sampler import microbatch_plan
+
     per_rank = NUM_MICROBATCHES // dp_size
-    return list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+    return [microbatch_plan(0, k, dp_rank, dp_size, MICRO_BATCH_SIZE, NUM_MICROBATCHES * MICRO_BATCH_SIZE)[0]
+            // MICRO_BATCH_SIZE for k in range(per_rank)]
 
 
 def microbatch(index: int, weighting: str):
     """Micro-batch ``index`` of the fixed global batch: identical in every process."""
     from megatron_uni.config import DiffusionConfig
     from megatron_uni.diffusion.inputs import build_inputs
+    from megatron_uni.diffusion.noising import RowKeys
     from diffusion_helpers import random_batch, tiny_vocab
 
     vocab = tiny_vocab()
     batch = random_batch(torch.Generator().manual_seed(1000 + index), MICRO_BATCH_SIZE, SEQ_LENGTH,
                          BLOCK_SIZE, vocab)
-    return build_inputs(batch, vocab, DiffusionConfig(weighting=weighting), torch.Generator().manual_seed(2000 + index),
-                        block_size=BLOCK_SIZE)
+    first = index * MICRO_BATCH_SIZE  # noise keyed by global row, as in training
+    keys = RowKeys(seed=2000, rows=tuple(range(first, first + MICRO_BATCH_SIZE)),
+                   global_batch_size=NUM_MICROBATCHES * MICRO_BATCH_SIZE)
+    return build_inputs(batch, vocab, DiffusionConfig(weighting=weighting), block_size=BLOCK_SIZE, keys=keys)
 
 
 def _iterators(chunks, items) -> list:

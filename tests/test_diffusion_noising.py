@@ -1,11 +1,13 @@
 """Noising: ratios, maskable-only masking, complementary pairs, antithetic strata; the 2L inputs."""
 
+import pytest
 import torch
 
-from megatron_uni.data.batch import IGNORE_INDEX
-from megatron_uni.config import DiffusionConfig
+from megatron_uni.data.batch import IGNORE_INDEX, Batch
+from megatron_uni.config import ConfigError, DiffusionConfig
+from megatron_uni.data.sampler import microbatch_plan
 from megatron_uni.diffusion.inputs import build_inputs, per_document_sum
-from megatron_uni.diffusion.noising import noise_batch, sample_ratio
+from megatron_uni.diffusion.noising import RowKeys, noise_batch, sample_ratio
 from diffusion_helpers import random_batch, tiny_vocab
 
 
@@ -36,12 +38,67 @@ def test_complementary_pairs_supervise_every_maskable_token_exactly_once():
 def test_ratio_range_per_block_and_antithetic_strata():
     gen = torch.Generator().manual_seed(2)
     cfg = DiffusionConfig(t_min=0.2, t_max=0.6, per_block=True, antithetic=True)
-    t = sample_ratio(8, 20, 4, cfg, gen)
+    doc_ids = torch.zeros(8, 20, dtype=torch.int32)
+    t = sample_ratio(doc_ids, 4, cfg, gen)
     assert t.min() >= 0.2 and t.max() <= 0.6
-    per_block = t[:, ::4]                    # 8 samples x 5 blocks = 40 draws
+    per_block = t[:, ::4]                    # 8 samples x 5 blocks
     assert torch.equal(t, per_block.repeat_interleave(4, 1))
-    strata = ((per_block - 0.2) / 0.4 * 40).floor().long().flatten().sort().values
-    assert torch.equal(strata, torch.arange(40))  # one draw per stratum
+    first = ((per_block[:, 0] - 0.2) / 0.4 * 8).floor().long().sort().values
+    assert torch.equal(first, torch.arange(8))  # first blocks: one per stratum of the batch
+    inside = ((per_block - 0.2) / 0.4 * 5).floor().long().sort(1).values
+    assert torch.equal(inside, torch.arange(5).expand(8, 5))  # a row's blocks: one per stratum of the row
+
+
+def test_each_document_of_a_packed_row_draws_its_own_ratio():
+    doc_ids = torch.tensor([[0] * 8 + [1] * 8 + [2] * 8 + [-1] * 8] * 4, dtype=torch.int32)
+    keys = RowKeys(seed=5, rows=(0, 1, 2, 3), global_batch_size=4)
+    for antithetic in (False, True):
+        t = sample_ratio(doc_ids, 8, DiffusionConfig(t_min=0.3, t_max=0.8, antithetic=antithetic), keys=keys)
+        per_doc = t[:, [0, 8, 16]]
+        assert torch.equal(t[:, :24], per_doc.repeat_interleave(8, 1))  # constant inside a document
+        assert (per_doc[:, 0] != per_doc[:, 1]).all() and (per_doc[:, 1] != per_doc[:, 2]).all()
+
+
+def test_antithetic_strata_span_the_global_batch_not_the_microbatch():
+    cfg = DiffusionConfig(t_min=0.0, t_max=1.0, antithetic=True)
+    doc_ids = torch.zeros(2, 16, dtype=torch.int32)
+    ratios = torch.cat([sample_ratio(doc_ids, 8, cfg, keys=RowKeys(7, (8 + 2 * k, 9 + 2 * k), 8))[:, 0]
+                        for k in range(4)])    # iteration 1 of an 8-row global batch, 4 micro-batches
+    assert torch.equal((ratios * 8).floor().long().sort().values, torch.arange(8))
+
+
+def test_row_noise_is_the_same_at_any_data_parallel_and_microbatch_size():
+    """DP1 x mbs4 and DP2 x mbs2 (global batch 8, two iterations) see identical noisy ids and weights per row."""
+    vocab = tiny_vocab()
+    dataset = random_batch(torch.Generator().manual_seed(9), 16, 64, 8, vocab)  # global rows 0..15
+    cfg = DiffusionConfig(t_min=0.2, t_max=0.9, antithetic=True, complementary=True, weighting="elbo")
+
+    def per_row(dp_size, mbs):
+        out = {}
+        for iteration in range(2):
+            for rank in range(dp_size):
+                for k in range(8 // (dp_size * mbs)):
+                    rows = microbatch_plan(iteration, k, rank, dp_size, mbs, 8)
+                    batch = Batch(**{n: v[rows] for n, v in dataset.as_dict().items()})
+                    inputs = build_inputs(batch, vocab, cfg, block_size=8, keys=RowKeys(11, tuple(rows), 8))
+                    for i, row in enumerate(rows):  # complementary: rows 2i, 2i+1 are row i's pair
+                        out[row] = (inputs.input_ids[2 * i:2 * i + 2], inputs.loss_weights[2 * i:2 * i + 2])
+        return out
+
+    a, b = per_row(1, 4), per_row(2, 2)
+    assert sorted(a) == sorted(b) == list(range(16))
+    for row in a:
+        assert torch.equal(a[row][0], b[row][0]) and torch.equal(a[row][1], b[row][1]), f"row {row}"
+    assert not torch.equal(a[0][0], a[1][0])
+
+
+def test_complementary_draws_t_from_the_symmetric_band_and_needs_it():
+    keys = RowKeys(seed=1, rows=tuple(range(64)), global_batch_size=64)
+    t = sample_ratio(torch.zeros(64, 8, dtype=torch.int32), 8,
+                     DiffusionConfig(t_min=0.3, t_max=0.8, complementary=True), keys=keys)
+    assert t.min() >= 0.3 and t.max() <= 0.7  # so 1 - t lies in [0.3, 0.7] too
+    with pytest.raises(ConfigError, match=r"diffusion.complementary=true needs diffusion.t_min=0.6 <= 0.5"):
+        DiffusionConfig(t_min=0.6, t_max=0.9, complementary=True)
 
 
 def test_full_layout_inputs():

@@ -3,8 +3,10 @@
 - DP2 -> DP2: a run stopped at step 2 and resumed ends with the same parameters, Adam moments
   and step counter, bit for bit, as an uninterrupted 4-step run;
 - DP2 -> DP1: the DP2 checkpoint of step 2 loads on one rank with the same parameters, moments and
-  step, bit for bit, and training continues from there (step 3). (DP1 does not retrace DP2's steps:
-  each micro-batch's noise is seeded by its data-parallel rank.)
+  step, bit for bit, and DP1 continuing it to step 4 ends where the uninterrupted DP2 run does, up
+  to float summation order (rows and their noise do not depend on the DP layout);
+- the resumed DP2 run builds its micro-batches in 2 worker processes (``data.num_workers=2``) and
+  still matches bit for bit.
 - every parameter has its own ``step`` tensor after a resume (megatron shares one, which torch
   Adam then increments once per parameter);
 - a TP/PP/EP change refuses at load time with one line naming both layouts.
@@ -98,14 +100,14 @@ def test_distributed_optimizer_resumes_exactly(demo, tmp_path):
     _spawn(tmp_path, 2, [
         ("straight", _overrides(demo, straight, 4)),
         ("first", _overrides(demo, resumed, 4, "schedule.exit_interval=2")),
-        ("second", _overrides(demo, resumed, 4)),
+        ("second", _overrides(demo, resumed, 4, "data.num_workers=2")),
         # the same checkpoint under another expert-parallel layout: refused before anything loads
         ("ep2", _overrides(demo, str(tmp_path / "ep2"), 4, "parallel.expert=2",
                            f"checkpoint.load={resumed}/iter_0000002")),
     ])
     _spawn(tmp_path, 1, [
         ("dp1_loaded", _overrides(demo, dp1, 2, f"checkpoint.load={resumed}/iter_0000002")),  # load, save
-        ("dp1", _overrides(demo, dp1, 3)),  # resumes from its own DP1 save of step 2
+        ("dp1", _overrides(demo, dp1, 4)),  # resumes from its own DP1 save of step 2
     ])
 
     want, first = _full_state(tmp_path, "straight", 2), _full_state(tmp_path, "first", 2)
@@ -119,12 +121,16 @@ def test_distributed_optimizer_resumes_exactly(demo, tmp_path):
             assert got[param]["steps"] == [step] * len(got[param]["steps"]), (name, param, got[param]["steps"])
     # the resumed run continued from step 2's state, which differs from step 4's
     assert any(not torch.equal(first[p]["exp_avg"], want[p]["exp_avg"]) for p in want)
-    # after one more step on DP1 every parameter counts 3: one step tensor per parameter (megatron's
+    # after two more steps on DP1 every parameter counts 4: one step tensor per parameter (megatron's
     # load shares one, which torch Adam would advance once per parameter)
     dp1_state = _full_state(tmp_path, "dp1", 1)
-    assert all(entry["steps"] == [3.0] for entry in dp1_state.values())
+    assert all(entry["steps"] == [4.0] for entry in dp1_state.values())
     assert len({ids for entry in dp1_state.values() for ids in entry["step_ids"]}) == len(dp1_state)
     assert any(not torch.equal(dp1_state[p]["param"], first[p]["param"]) for p in first)
+    # ... and they are the uninterrupted DP2 run's, up to the order of the gradient sums
+    for param in want:
+        torch.testing.assert_close(dp1_state[param]["param"], want[param]["param"], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, p=param: f"{p}: DP1 continuing DP2 diverged: {m}")
 
     errors = [torch.load(tmp_path / f"ep2.rank{r}.err") for r in range(2)]
     assert errors[0] == errors[1] and "\n" not in errors[0], errors

@@ -9,6 +9,11 @@ directory, timed; then a new process opens the planned run and fetches the segme
 
     python tools/bench_data.py                       # the issue's sizes: 10M rows, fetch row 50M
     python tools/bench_data.py --small               # 1/100 of the sizes, a few seconds
+    python tools/bench_data.py --host-path           # fetch -> pack -> noise -> layout at L=8192, rows/s per worker
+
+``--host-path`` builds the demo data set in a temporary directory and times the training
+micro-batches (``MicrobatchSource``) of the demo recipe at ``--seq-length``: in-process (one
+core, one torch thread: the cost of one worker) and with ``--workers`` worker processes.
 
 Not a test: numbers depend on the machine; record them with the command in docs/benchmarks.md.
 """
@@ -42,6 +47,12 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=None, help="where the plan goes (default: a temporary directory)")
     p.add_argument("--small", action="store_true", help="divide documents, rows and fetch row by 100")
     p.add_argument("--fetch-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--host-path", action="store_true", help="time the full micro-batch host path instead")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="--host-path: rows per micro-batch")
+    p.add_argument("--microbatches", type=int, default=8, help="--host-path: micro-batches timed")
+    p.add_argument("--workers", type=int, default=2, help="--host-path: worker processes of the second timing")
+    p.add_argument("--overrides", nargs="*", default=[],
+                   help="--host-path: extra recipe overrides (e.g. diffusion.prefix_aware=true)")
     args = p.parse_args(argv)
     if args.small:
         args.documents = [n // 100 for n in args.documents]
@@ -89,8 +100,56 @@ def fetch(args) -> dict:
             "synthetic_lengths_mb": round(sum(l.nbytes for l in inputs.lengths) / 2 ** 20, 1)}
 
 
+def host_path_source(args, root: str, num_workers: int):
+    """The demo recipe's micro-batch source over the demo data set at ``--seq-length``."""
+    from megatron_uni.config import load_config
+    from megatron_uni.training.batches import MicrobatchSource
+
+    mbs = args.micro_batch_size
+    iters = args.microbatches
+    cfg = load_config("recipes/demo/tiny_cpu.yaml", [
+        f"data.path={root}/dataset/demo", f"data.tokenizer={root}/tokenizer", f"data.seq_length={args.seq_length}",
+        f"data.block_size={args.block_size}", f"data.micro_batch_size={mbs}", f"data.global_batch_size={mbs}",
+        f"data.num_workers={num_workers}", f"schedule.train_iters={iters + 1}", *args.overrides])
+    return MicrobatchSource(cfg)
+
+
+def host_path(args) -> int:
+    """Rows per second through fetch -> pack -> noise -> layout, in-process and with workers."""
+    import torch
+
+    from megatron_uni.data.build import BuildSettings, build_dataset
+    from megatron_uni.data.demo import DEMO_IMAGE_CODES, make_demo_data
+
+    root = tempfile.mkdtemp(prefix="bench_host_")
+    make_demo_data(root, num_scenes=12, num_paragraphs=16, seed=0)
+    build_dataset([os.path.join(root, "samples.jsonl")], os.path.join(root, "dataset", "demo"),
+                  BuildSettings(os.path.join(root, "tokenizer"), os.path.join(root, "image_codes.json"),
+                                num_image_codes=DEMO_IMAGE_CODES))
+    torch.set_num_threads(1)
+    rows = args.microbatches * args.micro_batch_size
+    for workers in (0, args.workers):
+        source = host_path_source(args, root, workers)
+        source.build_microbatch(0, 0, 0, 1)  # plan the rows (cached on disk): not timed
+        # timed from the first request: the workers' start-up counts against them
+        start, cpu = time.perf_counter(), cpu_seconds()
+        for iteration in range(args.microbatches):
+            inputs = source(iteration, 0, 0, 1)
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        cost = f", {rows / cpu:.1f} rows per CPU second" if workers == 0 else ""
+        print(f"{workers} workers: {rows} rows of {args.seq_length} ({inputs.input_ids.shape[0]} x "
+              f"{inputs.input_ids.shape[1]} model positions per micro-batch) in {seconds:.2f} s wall, {cpu:.2f} s CPU "
+              f"in the training process: {rows / seconds:.1f} rows/s, {rows / seconds / max(1, workers):.1f} rows/s "
+              f"per {'process' if workers == 0 else 'worker'}{cost}")
+        source.close()
+    print(f"   overrides: {args.overrides or 'none'}; loop process torch threads: 1; host cores: {os.cpu_count()}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.host_path:
+        return host_path(args)
     if args.fetch_only:
         print(json.dumps(fetch(args)))
         return 0

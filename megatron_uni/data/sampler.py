@@ -6,6 +6,10 @@ settings) planned once (:mod:`megatron_uni.data.row_plan`). Iteration ``i`` cons
 ``r`` (of ``w``) reads the ``micro_batch`` rows starting at ``(k * w + r) * micro_batch``. Ranks are
 disjoint and together cover every row once, and the rows of an iteration are the same set at
 any data-parallel size, so resuming needs nothing but the iteration.
+
+:func:`microbatch_plan` is the ONE place that answers "which rows does micro-batch k of
+iteration i on DP rank r read"; the noise of each row is keyed by its global row index
+(``diffusion.noising.RowKeys``), so rows and noise together do not depend on the layout.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 from typing import List
 
 
-def microbatch_rows(iteration: int, microbatch: int, dp_rank: int, dp_size: int, micro_batch_size: int,
+def microbatch_plan(iteration: int, microbatch: int, dp_rank: int, dp_size: int, micro_batch_size: int,
                     global_batch_size: int) -> List[int]:
     """Row indices of micro-batch ``microbatch`` of ``iteration`` on data-parallel rank ``dp_rank``."""
     if not 0 <= dp_rank < dp_size:
@@ -26,3 +30,7 @@ def microbatch_rows(iteration: int, microbatch: int, dp_rank: int, dp_size: int,
                          f"of an iteration")
     first = iteration * global_batch_size + (microbatch * dp_size + dp_rank) * micro_batch_size
     return list(range(first, first + micro_batch_size))
+
+
+# the name the loader and earlier callers use
+microbatch_rows = microbatch_plan

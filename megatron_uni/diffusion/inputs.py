@@ -33,7 +33,7 @@ from megatron_uni.config import DiffusionConfig
 from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_SPECIAL, Batch
 from megatron_uni.diffusion.layout import (check_block_aligned, compact_rows, full_layout, kept_positions,
                                            share_clean, shared_clean_layout)
-from megatron_uni.diffusion.noising import noise_batch
+from megatron_uni.diffusion.noising import RowKeys, noise_batch
 from megatron_uni.tokens import Vocabulary
 
 
@@ -97,18 +97,19 @@ def token_weights(weighting: str, masked: torch.Tensor, maskable: torch.Tensor, 
 
 def build_inputs(batch: Batch, vocab: Vocabulary, cfg: DiffusionConfig,
                  generator: Optional[torch.Generator] = None, *, block_size: int,
-                 pad_multiple: int = FLEX_TILE) -> DiffusionInputs:
+                 pad_multiple: int = FLEX_TILE, keys: Optional[RowKeys] = None) -> DiffusionInputs:
     """The BDLM inputs of ``batch`` (documents aligned to ``block_size``, ``data.block_size``).
 
     With ``cfg.prefix_aware`` the compacted rows are padded to a multiple of ``pad_multiple``
     (FlexAttention tiles are 128). With ``cfg.shared_clean`` the b samples give b rows of 3L
     (otherwise complementary masking gives 2b rows of 2L); weights and normaliser are computed
-    on the pairs first, so both forms carry the same per-token weights.
+    on the pairs first, so both forms carry the same per-token weights. Training passes ``keys``
+    (the rows' global positions) so the noise does not depend on the layout; see ``noising``.
     """
     if block_size < 1 or pad_multiple < 1:
         raise ValueError(f"build_inputs: block_size ({block_size}) and pad_multiple ({pad_multiple}) must be >= 1")
     check_block_aligned(batch.doc_ids, block_size)
-    noised = noise_batch(batch, vocab, cfg, block_size, generator)
+    noised = noise_batch(batch, vocab, cfg, block_size, generator, keys)
     clean = noised.batch
     weights, normalizer = token_weights(cfg.weighting, noised.masked, clean.maskable, noised.ratio, clean.doc_ids)
     labels = torch.where(noised.masked, clean.tokens, torch.full_like(clean.tokens, IGNORE_INDEX))

@@ -1,18 +1,31 @@
 """Forward (masking) process of masked diffusion: which maskable tokens become the mask token.
 
 t is the mask ratio: each maskable token is replaced by the vocabulary's mask id with
-probability t. t is drawn per sample (dFactory) or per block (bd3lms) from U[t_min, t_max]
-(the "mask-ratio bandwidth"), optionally antithetic (stratified across the batch, lower
-variance). Complementary masking doubles the batch: each sample is followed by a copy whose
-mask is the complement over its maskable positions, so each maskable token is supervised
-exactly once per pair. The settings are the recipe's ``diffusion:`` section (``config.DiffusionConfig``).
+probability t. t is drawn per DOCUMENT of a packed row (dFactory draws one t per conversation;
+three documents packed in one row get three ratios) or per block (``per_block``, bd3lms) from
+U[t_min, t_max] (the "mask-ratio bandwidth"). ``antithetic`` stratifies t: each row gets one
+stratum of the global batch and its documents (blocks) are spread evenly from there, so the
+ratios of a global batch cover the band evenly. Complementary masking doubles the rows: each
+sample is followed by a copy whose mask is the complement over its maskable positions (ratio
+1 - t), so each maskable token is supervised exactly once per pair; t is then drawn from the
+band's symmetric part ``[max(t_min, 1 - t_max), min(t_max, 1 - t_min)]`` so both ratios stay in
+``[t_min, t_max]`` (config validation requires the band to contain 0.5).
+
+Seeding. In training every draw of a row comes from ``row_rng(seed, global_row)``, a numpy
+generator keyed by the row's position in the run (:class:`RowKeys`), and the strata from a
+permutation keyed by (seed, iteration): a row's noise is the same at any data-parallel size,
+micro-batch size or worker count. Tests and tools may pass a torch ``generator`` instead (strata
+then span the micro-batch). The settings are the recipe's ``diffusion:`` section
+(``config.DiffusionConfig``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import functools
+from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from megatron_uni.config import DiffusionConfig
@@ -22,6 +35,8 @@ from megatron_uni.tokens import Vocabulary
 
 # smallest ratio used as the ELBO denominator: the complement of t = 1 is 0
 MIN_RATIO = 1e-3
+# second word of the strata key, so it never collides with a row key [seed, global_row]
+_STRATA_TAG = 0x5354524154
 
 
 @dataclasses.dataclass
@@ -34,24 +49,105 @@ class NoisedBatch:
     ratio: torch.Tensor         # [b, L] float, the t each position was masked with
 
 
-def _uniform(n: int, antithetic: bool, generator: Optional[torch.Generator], device) -> torch.Tensor:
-    """n draws in [0, 1); antithetic = one draw per stratum [i/n, (i+1)/n), shuffled."""
-    u = torch.rand(n, generator=generator, device=device)
-    if not antithetic:
-        return u
-    strata = (torch.arange(n, device=device) + u) / n
-    return strata[torch.randperm(n, generator=generator, device=device)]
+@dataclasses.dataclass(frozen=True)
+class RowKeys:
+    """Where a micro-batch's rows sit in the run; their noise is a function of this alone."""
+
+    seed: int
+    rows: Tuple[int, ...]      # global row indices (``data.sampler.microbatch_plan``)
+    global_batch_size: int     # rows per iteration: row r is position r % gbs of iteration r // gbs
 
 
-def sample_ratio(batch_size: int, seq_length: int, block_size: int, cfg: DiffusionConfig,
-                 generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
-    """Mask ratio t per position ``[b, L]``: constant per sample, or per block when ``cfg.per_block``."""
-    num_blocks = ceil_div(seq_length, block_size) if cfg.per_block else 1
-    u = _uniform(batch_size * num_blocks, cfg.antithetic, generator, device).view(batch_size, num_blocks)
-    t = cfg.t_min + (cfg.t_max - cfg.t_min) * u
-    if not cfg.per_block:
-        return t.expand(batch_size, seq_length).clone()
-    return t.repeat_interleave(block_size, dim=1)[:, :seq_length].contiguous()
+def row_rng(seed: int, global_row: int) -> np.random.Generator:
+    """The generator of every noise draw of one row: keyed by its global position only."""
+    return np.random.default_rng(np.random.SeedSequence([seed, global_row]))
+
+
+@functools.lru_cache(maxsize=4)
+def _strata(seed: int, iteration: int, global_batch_size: int) -> np.ndarray:
+    """Stratum of each row position of an iteration (a permutation, the same on every rank)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _STRATA_TAG, iteration]))
+    return rng.permutation(global_batch_size)
+
+
+def ratio_band(cfg: DiffusionConfig) -> Tuple[float, float]:
+    """The band t is drawn from: with complementary masking, its symmetric part (1 - t stays in it)."""
+    if not cfg.complementary:
+        return cfg.t_min, cfg.t_max
+    return max(cfg.t_min, 1.0 - cfg.t_max), min(cfg.t_max, 1.0 - cfg.t_min)
+
+
+def _units(doc_ids: torch.Tensor, block_size: int, per_block: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Unit (document, or block) of each position ``[b, L]`` and the number of units per row ``[b]``."""
+    b, length = doc_ids.shape
+    if per_block:
+        unit = (torch.arange(length, device=doc_ids.device) // block_size).expand(b, length)
+        return unit, torch.full((b,), ceil_div(length, block_size), device=doc_ids.device)
+    unit = doc_ids.long().clamp_min(0)  # padding (-1) is never maskable; any ratio does
+    return unit, unit.amax(1) + 1
+
+
+def _keyed_draws(keys: RowKeys, num_units: torch.Tensor, length: int, antithetic: bool):
+    """Row-keyed draws: stratum offset ``[b]``, unit draws ``[b, K]``, token draws ``[b, L]``."""
+    if len(keys.rows) != num_units.shape[0]:
+        raise ValueError(f"RowKeys names {len(keys.rows)} rows, the batch has {num_units.shape[0]}")
+    width = int(num_units.max())
+    row_u = np.empty(len(keys.rows))
+    unit_u = np.zeros((len(keys.rows), width), dtype=np.float32)
+    draw = np.empty((len(keys.rows), length), dtype=np.float32)
+    for i, row in enumerate(keys.rows):
+        rng = row_rng(keys.seed, row)
+        draw[i] = rng.random(length, dtype=np.float32)
+        offset = rng.random()
+        n = int(num_units[i])
+        unit_u[i, :n] = rng.random(n, dtype=np.float32)
+        if antithetic:
+            iteration, position = divmod(row, keys.global_batch_size)
+            offset = (_strata(keys.seed, iteration, keys.global_batch_size)[position] + offset) \
+                / keys.global_batch_size
+        row_u[i] = offset
+    return torch.from_numpy(row_u), torch.from_numpy(unit_u), torch.from_numpy(draw)
+
+
+def _generator_draws(num_units: torch.Tensor, length: int, antithetic: bool,
+                     generator: Optional[torch.Generator], device):
+    """The same draws from one torch generator; strata span this micro-batch only."""
+    b = num_units.shape[0]
+    row_u = torch.rand(b, generator=generator, device=device, dtype=torch.float64)
+    if antithetic:
+        row_u = ((torch.arange(b, device=device) + row_u) / b)[torch.randperm(b, generator=generator, device=device)]
+    unit_u = torch.rand(b, int(num_units.max()), generator=generator, device=device)
+    draw = torch.rand(b, length, generator=generator, device=device)
+    return row_u, unit_u, draw
+
+
+def _ratio(unit: torch.Tensor, num_units: torch.Tensor, row_u: torch.Tensor, unit_u: torch.Tensor,
+           cfg: DiffusionConfig) -> torch.Tensor:
+    """t per position: antithetic units sit at row_u + j / n (mod 1), one per stratum of the row."""
+    if cfg.antithetic:
+        j = torch.arange(unit_u.shape[1], device=unit.device, dtype=torch.float64)
+        u = torch.remainder(row_u.to(unit.device)[:, None] + j[None] / num_units[:, None].double(), 1.0).float()
+    else:
+        u = unit_u.to(unit.device)
+    lo, hi = ratio_band(cfg)
+    return lo + (hi - lo) * u.gather(1, unit)
+
+
+def sample_ratio(doc_ids: torch.Tensor, block_size: int, cfg: DiffusionConfig,
+                 generator: Optional[torch.Generator] = None, keys: Optional[RowKeys] = None) -> torch.Tensor:
+    """Mask ratio t per position ``[b, L]``: constant per document, or per block when ``cfg.per_block``."""
+    return _noise_draws(doc_ids, block_size, cfg, generator, keys)[0]
+
+
+def _noise_draws(doc_ids, block_size, cfg, generator, keys):
+    """(ratio ``[b, L]``, token draws ``[b, L]``) from the row keys, else from ``generator``."""
+    b, length = doc_ids.shape
+    unit, num_units = _units(doc_ids, block_size, cfg.per_block)
+    if keys is not None:
+        row_u, unit_u, draw = _keyed_draws(keys, num_units.cpu(), length, cfg.antithetic)
+    else:
+        row_u, unit_u, draw = _generator_draws(num_units, length, cfg.antithetic, generator, doc_ids.device)
+    return _ratio(unit, num_units, row_u, unit_u, cfg), draw.to(doc_ids.device)
 
 
 def repeat_batch(batch: Batch, repeats: int) -> Batch:
@@ -60,12 +156,13 @@ def repeat_batch(batch: Batch, repeats: int) -> Batch:
 
 
 def noise_batch(batch: Batch, vocab: Vocabulary, cfg: DiffusionConfig, block_size: int,
-                generator: Optional[torch.Generator] = None) -> NoisedBatch:
-    """Mask the maskable tokens of ``batch``; with ``cfg.complementary`` return 2b rows (pairs)."""
+                generator: Optional[torch.Generator] = None, keys: Optional[RowKeys] = None) -> NoisedBatch:
+    """Mask the maskable tokens of ``batch``; with ``cfg.complementary`` return 2b rows (pairs).
+
+    ``keys`` (training) seeds each row by its global position; without, ``generator`` is used.
+    """
     b, length = batch.tokens.shape
-    device = batch.tokens.device
-    ratio = sample_ratio(b, length, block_size, cfg, generator, device)
-    draw = torch.rand(b, length, generator=generator, device=device)
+    ratio, draw = _noise_draws(batch.doc_ids, block_size, cfg, generator, keys)
     masked = batch.maskable & (draw < ratio)
     if cfg.complementary:
         batch = repeat_batch(batch, 2)
