@@ -21,7 +21,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_uni import checkpoint
+from megatron_uni import checkpoint, platform
 from megatron_uni.config import Config, data_parallel_size, validate_world_size
 from megatron_uni.diffusion.inputs import DiffusionInputs
 from megatron_uni.diffusion.losses import LossReport, LossSums, combine, reduce_sums
@@ -90,7 +90,7 @@ class _StopFlag:
         self.raised = True
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1 if self.raised else 0], dtype=torch.int)
+        flag = torch.tensor([1 if self.raised else 0], dtype=torch.int, device=platform.device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())

@@ -37,6 +37,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from megatron_uni import platform
 from megatron_uni.config import ModelConfig
 from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_IMAGE, MODALITY_TEXT
 from megatron_uni.diffusion.inputs import DiffusionInputs
@@ -109,8 +110,7 @@ def token_stats(per_token_ce: torch.Tensor, inputs: DiffusionInputs) -> torch.Te
 
 def global_token_stats(reports: Sequence[Dict], contributes: bool) -> Dict[str, float]:
     """The step's masked-token CE and special-token loss over all micro-batches and ranks."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    total = torch.zeros(len(TOKEN_FIELDS), device=device)
+    total = torch.zeros(len(TOKEN_FIELDS), device=platform.device())  # the process group's device
     if contributes:
         for report in reports:
             total += report["tokens"].to(total.device).float()
