@@ -30,6 +30,7 @@ def _worker(rank, out):
     from megatron_uni.diffusion.inputs import DiffusionInputs
     from megatron_uni.platform.distributed import destroy
     from megatron_uni.training import loop
+    from megatron_uni.training.stop import StopFlag
 
     handed_out, callers, moves, reduced = [], [], [], []
     real_device, real_to, real_all_reduce = platform.device, DiffusionInputs.to, torch.distributed.all_reduce
@@ -57,7 +58,7 @@ def _worker(rank, out):
     try:
         state = loop.setup(load_config("recipes/model/tiny.yaml", overrides))
         metrics = loop.train_step(state, _microbatches(nan_iterations=set()), 128)
-        stopped = loop._StopFlag().any_rank()
+        stopped = StopFlag().any_rank()
     finally:
         destroy()
     torch.save({"callers": callers, "moves": moves, "reduced": reduced, "update_ok": metrics.update_ok,
@@ -85,9 +86,9 @@ def test_our_collectives_allocate_on_the_platform_device(recorded):
 
 def test_no_device_literal_outside_the_platform_layer():
     from megatron_uni.diffusion import losses
-    from megatron_uni.training import expert_balance, loop, metrics, nonfinite, step
+    from megatron_uni.training import expert_balance, loop, metrics, nonfinite, step, stop
 
-    for module in (loop, step, metrics, expert_balance, nonfinite, losses):
+    for module in (loop, step, metrics, expert_balance, nonfinite, stop, losses):
         source = inspect.getsource(module)
         for literal in ('"cuda"', "'cuda'", "torch.cuda.current_device", 'device="cpu"'):
             assert literal not in source, f"{module.__name__} uses {literal}; ask megatron_uni.platform.device()"

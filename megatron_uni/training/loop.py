@@ -3,7 +3,8 @@
 Resumes from ``checkpoint.save`` when it already holds a ``latest`` (a requeued job continues),
 else from ``checkpoint.load``. Saves every ``checkpoint.save_interval`` iterations and at the end,
 and on SIGTERM/SIGUSR1 (Slurm's pre-emption warning) or every ``schedule.exit_interval``
-iterations saves at the end of the current step and exits cleanly. On resume the LR schedule is the checkpoint's (megatron's
+iterations saves at the end of the current step and exits cleanly (a signal during set-up: see
+``training/stop.py``). On resume the LR schedule is the checkpoint's (megatron's
 ``OptimizerParamScheduler`` semantics), so keep ``schedule.*`` unchanged across restarts.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -21,7 +21,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_uni import checkpoint, platform
+from megatron_uni import checkpoint
 from megatron_uni.config import Config, data_parallel_size, validate_world_size
 from megatron_uni.diffusion.inputs import DiffusionInputs
 from megatron_uni.diffusion.losses import LossReport, LossSums, combine, reduce_sums
@@ -37,6 +37,7 @@ from megatron_uni.training.nonfinite import SkipCounter
 from megatron_uni.training.optim import build_optimizer, build_scheduler
 from megatron_uni.training.optimizer_state import allocate_adam_state, check_resume_layout, restore_adam_step
 from megatron_uni.training.step import make_forward_step
+from megatron_uni.training.stop import StoppedBeforeTraining, install_stop_handlers, reset_stop_flag
 
 log = logging.getLogger("megatron_uni.train")
 
@@ -73,27 +74,6 @@ class StepMetrics:
         losses = {f.name: float(getattr(self.losses, f.name)) for f in dataclasses.fields(self.losses)}
         return {**losses, **self.tokens, "grad_norm": self.grad_norm, "update_ok": self.update_ok, "lr": self.lr,
                 "expert_load": self.expert_load, "skipped_steps": self.skipped_steps}
-
-
-class _StopFlag:
-    """Set by SIGTERM / SIGUSR1; checked once per step on every rank (all-reduced)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. under some test runners)
-                pass
-
-    def _handler(self, signum, frame) -> None:
-        self.raised = True
-
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1 if self.raised else 0], dtype=torch.int, device=platform.device())
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def wrap_ddp(cfg: Config, chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Module]:
@@ -268,7 +248,11 @@ def train_step(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int
 def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
         log_fn: Callable[[str], None] = print) -> TrainState:
     cfg = state.cfg
-    stop = _StopFlag()
+    stop = install_stop_handlers()  # the CLI installed them before set-up; a no-op then
+    if stop.any_rank():  # raised during set-up: nothing trained, nothing to save
+        reset_stop_flag()
+        raise StoppedBeforeTraining(f"stop signal received during set-up, before iteration {state.iteration + 1}: "
+                                    f"exiting without training or saving; run again to continue")
     logger = MetricsLogger(run_dir_of(cfg.logging.run_dir, cfg.checkpoint.save) if is_rank0() else None,
                            cfg.model, cfg.data.seq_length, cfg.data.block_size, cfg.data.global_batch_size,
                            cfg.parallel.world_size or 1, cfg.schedule.train_iters, state.iteration)
@@ -283,6 +267,7 @@ def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
         due = cfg.checkpoint.save and interval and state.iteration % interval == 0
         exit_now = cfg.schedule.exit_interval and state.iteration % cfg.schedule.exit_interval == 0
         if stop.any_rank() or exit_now:
+            reset_stop_flag()
             if cfg.checkpoint.save:
                 path = save(state)
                 if is_rank0():
