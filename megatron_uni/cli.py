@@ -85,7 +85,13 @@ def cmd_train(args) -> int:
             print(f"training {args.recipe}: {cfg.schedule.train_iters} iterations from iteration {state.iteration}, "
                   f"world size {cfg.parallel.world_size}", flush=True)
             print(source.loader.packing_summary(), flush=True)
-        loop.run(state, source, source.model_seq_length, log_fn=lambda line: print(line, flush=True))
+        validate = None
+        if cfg.eval.interval:
+            from megatron_uni.training.validation import Validation
+
+            validate = Validation(cfg, source.model_seq_length)
+        loop.run(state, source, source.model_seq_length, log_fn=lambda line: print(line, flush=True),
+                 validate=validate)
     finally:
         destroy()
     return 0

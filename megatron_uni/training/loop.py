@@ -32,7 +32,7 @@ from megatron_uni.platform.cpu import cpu_optimizer_scope
 from megatron_uni.platform.distributed import init_distributed, is_rank0
 from megatron_uni.tokens import VocabularyLayout
 from megatron_uni.training.expert_balance import ExpertBalance
-from megatron_uni.training.metrics import MetricsLogger, global_token_stats, run_dir_of
+from megatron_uni.training.metrics import MetricsLogger, global_token_stats, run_dir_of, validation_line
 from megatron_uni.training.nonfinite import SkipCounter
 from megatron_uni.training.optim import build_optimizer, build_scheduler
 from megatron_uni.training.optimizer_state import allocate_adam_state, check_resume_layout, restore_adam_step
@@ -246,7 +246,10 @@ def train_step(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int
 
 
 def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
-        log_fn: Callable[[str], None] = print) -> TrainState:
+        log_fn: Callable[[str], None] = print,
+        validate: Optional[Callable[[TrainState], Dict[str, float]]] = None) -> TrainState:
+    """Train to ``schedule.train_iters``; ``validate`` (``training/validation.Validation``) runs
+    every ``eval.interval`` iterations and its ``valid/*`` metrics join that step's record."""
     cfg = state.cfg
     stop = install_stop_handlers()  # the CLI installed them before set-up; a no-op then
     if stop.any_rank():  # raised during set-up: nothing trained, nothing to save
@@ -260,9 +263,14 @@ def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
         start = time.perf_counter()
         metrics = train_step(state, make_microbatch, seq_length)
         record = logger.record(state.iteration, metrics.as_record(), time.perf_counter() - start)
-        if is_rank0() and state.iteration % cfg.logging.log_interval == 0:
+        evaluated = validate is not None and cfg.eval.interval and state.iteration % cfg.eval.interval == 0
+        if evaluated:
+            record.update(validate(state))
+        if is_rank0() and (evaluated or state.iteration % cfg.logging.log_interval == 0):
             logger.write(record)
             log_fn(logger.console_line(record))
+            if evaluated:
+                log_fn(validation_line(state.iteration, record))
         interval = cfg.checkpoint.save_interval
         due = cfg.checkpoint.save and interval and state.iteration % interval == 0
         exit_now = cfg.schedule.exit_interval and state.iteration % cfg.schedule.exit_interval == 0

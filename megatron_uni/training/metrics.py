@@ -207,6 +207,13 @@ class MetricsLogger:
             self.tensorboard.close()
 
 
+def validation_line(iteration: int, record: Dict) -> str:
+    """The console line of an evaluation (``training/validation.py``'s ``valid/*`` fields)."""
+    return (f"valid {iteration:6d} | ce {_fmt(record['valid/masked_ce'])} | text {_fmt(record['valid/text_ce'])} | "
+            f"image {_fmt(record['valid/image_ce'])} | special {_fmt(record['valid/special_ce'])} | "
+            f"{record['valid/masked_tokens']:.0f} masked tokens")
+
+
 def _tensorboard(run_dir: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
