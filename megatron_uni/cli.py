@@ -68,20 +68,32 @@ def _quiet_megatron(level: str) -> None:
 
 
 def cmd_train(args) -> int:
+    from megatron_uni.training.stop import install_stop_handlers
+
+    install_stop_handlers()  # first: a SIGUSR1/SIGTERM during set-up must not kill the process
     cfg = load_config(args.recipe, args.overrides)
     _quiet_megatron(cfg.logging.level)
     from megatron_uni.platform.distributed import destroy, is_rank0
     from megatron_uni.training import loop
     from megatron_uni.training.batches import MicrobatchSource
 
-    source = MicrobatchSource(cfg)
-    state = loop.setup(cfg, vocabulary=source.vocab.layout())
-    if is_rank0():
-        print(f"training {args.recipe}: {cfg.schedule.train_iters} iterations from iteration {state.iteration}, "
-              f"world size {cfg.parallel.world_size}", flush=True)
-        print(source.loader.packing_summary(), flush=True)
-    loop.run(state, source, source.model_seq_length, log_fn=lambda line: print(line, flush=True))
-    destroy()
+    logging.getLogger("megatron_uni.train").info("setting up %s", args.recipe)
+    try:
+        source = MicrobatchSource(cfg)
+        state = loop.setup(cfg, vocabulary=source.vocab.layout())
+        if is_rank0():
+            print(f"training {args.recipe}: {cfg.schedule.train_iters} iterations from iteration {state.iteration}, "
+                  f"world size {cfg.parallel.world_size}", flush=True)
+            print(source.loader.packing_summary(), flush=True)
+        validate = None
+        if cfg.eval.interval:
+            from megatron_uni.training.validation import Validation
+
+            validate = Validation(cfg, source.model_seq_length)
+        loop.run(state, source, source.model_seq_length, log_fn=lambda line: print(line, flush=True),
+                 validate=validate)
+    finally:
+        destroy()
     return 0
 
 
@@ -111,6 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_uni.checkpoint import CheckpointError
     from megatron_uni.training.nonfinite import TrainingAborted
+    from megatron_uni.training.stop import EXIT_STOPPED_IN_SETUP, StoppedBeforeTraining
 
     try:
         return args.func(args)
@@ -129,6 +142,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingAborted as err:
         print(f"megatron-uni: training aborted: {err}", file=sys.stderr)
         return 3
+    except StoppedBeforeTraining as err:  # SIGUSR1/SIGTERM during set-up (training/stop.py)
+        print(f"megatron-uni: {err}", file=sys.stderr)
+        return EXIT_STOPPED_IN_SETUP
 
 
 if __name__ == "__main__":

@@ -229,6 +229,16 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    """Validation on held-out data (``training/validation.py``, docs/training.md)."""
+
+    interval: int = 0                      # >0: evaluate every `interval` iterations (0: never)
+    path: Optional[str] = None             # held-out dataset prefix or blend YAML (tokenizer, packing: data.*)
+    iters: int = 1                         # global batches per evaluation (the same ones every time)
+    seed: int = 0                          # noise seed: every evaluation masks the same positions
+
+
+@dataclasses.dataclass
 class Config:
     model: ModelConfig
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
@@ -238,6 +248,7 @@ class Config:
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         """Every key of every section: written as YAML it loads back as the same recipe."""
@@ -481,6 +492,10 @@ def validate(cfg: Config) -> None:
     validate_diffusion(cfg.diffusion)
     _check_choices("schedule", cfg.schedule)
     _check_choices("logging", cfg.logging)
+    _require(cfg.eval.interval >= 0 and cfg.eval.iters >= 1,
+             f"eval.interval={cfg.eval.interval} must be >= 0 and eval.iters={cfg.eval.iters} >= 1")
+    _require(not cfg.eval.interval or bool(cfg.eval.path),
+             f"eval.interval={cfg.eval.interval} needs eval.path (a held-out dataset prefix or blend YAML)")
 
 
 def validate_world_size(cfg: Config, world_size: int) -> None:

@@ -114,8 +114,8 @@ mu_step_command() {
 # (--signal=B:USR1@N) or on `scancel --signal=USR1 --batch JOB`. The trap forwards it to the
 # step (srun passes it to every task); the trainer saves at the end of its current step and exits.
 # After the step the run's own checkpoint decides (slurm/run_state.py): requeue when the run is
-# not finished and either the step ended cleanly (it saved and stopped early) or this job was
-# signalled (also a USR1 that arrived during set-up, before the trainer listened); otherwise the
+# not finished and either the step ended cleanly (it saved and stopped early; 75: stopped during
+# its set-up, training/stop.py) or this job was signalled (also a USR1 before the step started); otherwise the
 # step's exit status is the job's, so a failed stage fails and its dependants never start.
 # ---------------------------------------------------------------------------------------------
 MU_STEP_ARGS=()
@@ -181,7 +181,7 @@ mu_train() {
     mu_once "$MU_PYTHON" "$MU_HOME/slurm/run_state.py" "$recipe" "$@" || progress=$?
     if [ "$progress" = 0 ]; then
         exit "$MU_STEP_STATUS"               # finished (a late USR1 changes nothing)
-    elif [ "$progress" = 3 ] && { [ "$MU_STEP_STATUS" = 0 ] || [ "$MU_SIGNALLED" = 1 ]; }; then
+    elif [ "$progress" = 3 ] && { [ "$MU_STEP_STATUS" = 0 ] || [ "$MU_STEP_STATUS" = 75 ] || [ "$MU_SIGNALLED" = 1 ]; }; then
         mu_requeue
     fi
     mu_log "stage failed (step status $MU_STEP_STATUS, run state $progress)"

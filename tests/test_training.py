@@ -3,6 +3,7 @@
 - a run interrupted at step 2 and resumed gives the same losses and the same final weights as an
   uninterrupted run (model, optimizer, scheduler and data position all restored);
 - SIGUSR1 (Slurm's pre-emption warning) makes the run save at the end of the step and exit 0;
+  during set-up it ends the run before its first step with exit code 75 and saves nothing;
 - ``info`` prints the published parameter counts; a bad override is a one-line error.
 """
 
@@ -86,6 +87,36 @@ def test_preemption_signal_saves_and_exits(demo, tmp_path):
     stopped_at = int(latest.split("_")[1])
     assert 1 <= stopped_at < 200
     assert max(int(i) for i, _ in ITER_LINE.findall(out)) == stopped_at
+
+
+def _signal_during_setup(demo, save, *extra):
+    """A run sent SIGUSR1 as soon as it logs that set-up began (model build, checkpoint load follow)."""
+    proc = _cli("train", "recipes/demo/tiny_cpu.yaml", *_data_args(demo), f"checkpoint.save={save}",
+                "schedule.train_iters=4", "checkpoint.save_interval=0", "data.seq_length=128", *extra)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "setting up" in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    return proc.returncode, out
+
+
+def test_signal_during_setup_exits_cleanly_without_saving(demo, tmp_path):
+    from megatron_uni.training.stop import EXIT_STOPPED_IN_SETUP
+
+    save = tmp_path / "ckpt"
+    code, out = _signal_during_setup(demo, save)   # fresh run: nothing trained, nothing saved
+    assert code == EXIT_STOPPED_IN_SETUP == 75, out[-3000:]
+    assert "stop signal received during set-up, before iteration 1" in out and not ITER_LINE.search(out)
+    assert not (save / "latest").exists()
+    _train(demo, str(save), 1)                      # a resumable state at iteration 1 ...
+    code, out = _signal_during_setup(demo, save)   # ... is loaded, and the signal still stops cleanly
+    assert code == EXIT_STOPPED_IN_SETUP, out[-3000:]
+    assert "before iteration 2" in out and not ITER_LINE.search(out)
+    assert (save / "latest").read_text().strip() == "iter_0000001"
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000001"]
 
 
 def test_info_prints_counts_and_rejects_bad_override():

@@ -17,7 +17,7 @@ import sys
 from typing import Dict, List
 
 METRICS_FILE = "metrics.jsonl"
-LOSS_KEYS = ("loss", "masked_ce", "text_loss", "image_loss", "special_loss")
+LOSS_KEYS = ("loss", "masked_ce", "text_loss", "image_loss", "special_loss", "valid/masked_ce")
 
 
 def read_metrics(path: str) -> List[Dict]:
@@ -62,7 +62,9 @@ def plot(runs: Dict[str, List[Dict]], output: str) -> str:
         for key in LOSS_KEYS:
             xs, ys = _series(records, key)
             if xs:
-                loss_ax.plot(xs, ys, label=f"{name}: {key}", linestyle="-" if key == "loss" else "--")
+                valid = key.startswith("valid/")  # only every eval.interval steps: marked points
+                loss_ax.plot(xs, ys, label=f"{name}: {key}", linestyle="-" if key == "loss" else ":" if valid else "--",
+                             marker="o" if valid else None)
         tput_ax.plot(*_series(records, "clean_tokens_per_s"), label=name)
         xs, ys = _series(records, "mfu")
         if xs:

@@ -70,9 +70,9 @@ class AttentionLayout:
                              f"got {descriptor.dtype} {tuple(descriptor.shape)}")
         return cls(doc=descriptor[:, 0], block=descriptor[:, 1], clean=descriptor[:, 2].bool(), copy=descriptor[:, 3])
 
-    def to(self, device) -> "AttentionLayout":
-        return AttentionLayout(self.doc.to(device), self.block.to(device), self.clean.to(device),
-                               self.copy.to(device))
+    def to(self, device, non_blocking: bool = False) -> "AttentionLayout":
+        return AttentionLayout(*(getattr(self, name).to(device, non_blocking=non_blocking)
+                                 for name in ("doc", "block", "clean", "copy")))
 
 
 def is_descriptor(tensor) -> bool:

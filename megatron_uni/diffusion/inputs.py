@@ -72,6 +72,24 @@ class DiffusionInputs:
     def num_tokens(self) -> int:
         return self.input_ids.numel()
 
+    def to(self, device: torch.device, non_blocking: bool = False) -> "DiffusionInputs":
+        """A copy on ``device`` (the training step's one host-to-device move, ``training/step.py``).
+
+        Towards a CUDA device, CPU tensors are pinned first so that ``non_blocking`` copies overlap
+        with compute (tensors a loader already pinned are not copied again).
+        """
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            if torch.device(device).type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+                tensor = tensor.pin_memory()
+            return tensor.to(device, non_blocking=non_blocking)
+
+        layout = AttentionLayout(*(move(getattr(self.layout, name)) for name in ("doc", "block", "clean", "copy")))
+        return DiffusionInputs(
+            input_ids=move(self.input_ids), position_ids=move(self.position_ids), labels=move(self.labels),
+            loss_weights=move(self.loss_weights), modality=move(self.modality), layout=layout,
+            normalizer=move(self.normalizer),
+            _descriptor=None if self._descriptor is None else move(self._descriptor))
+
 
 def per_document_sum(values: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
     """``[b, L]`` sum of ``values`` over each position's document, broadcast back to positions."""

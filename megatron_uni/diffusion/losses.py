@@ -20,6 +20,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_uni import platform
 from megatron_uni.config import Weighting
 from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_IMAGE, MODALITY_TEXT
 from megatron_uni.diffusion.inputs import DiffusionInputs
@@ -96,7 +97,7 @@ def reduce_sums(sums: Sequence[LossSums], group=None, contributes: bool = True) 
     A rank whose sums duplicate another's (a TP peer of the last pipeline stage) passes
     ``contributes=False`` and adds zeros, so each replica is counted once.
     """
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces device tensors only
+    device = platform.device()  # the process group's device: NCCL reduces CUDA tensors only
     total = torch.zeros(len(dataclasses.fields(LossSums)), device=device)
     if contributes:
         for item in sums:

@@ -22,7 +22,7 @@ def mask_embedding_noise_hook(mask_id: int, std: float, num_steps: int,
     from the default generator (identical on TP ranks) and this rank's slice taken.
     """
     def hook(module, args, kwargs, output):
-        if current_step() >= num_steps or std <= 0:
+        if not module.training or current_step() >= num_steps or std <= 0:  # evaluation: no noise
             return output
         input_ids = args[0] if args else kwargs["input_ids"]
         is_mask = (input_ids == mask_id).transpose(0, 1).unsqueeze(-1)  # [s, b, 1]

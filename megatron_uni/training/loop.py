@@ -3,7 +3,8 @@
 Resumes from ``checkpoint.save`` when it already holds a ``latest`` (a requeued job continues),
 else from ``checkpoint.load``. Saves every ``checkpoint.save_interval`` iterations and at the end,
 and on SIGTERM/SIGUSR1 (Slurm's pre-emption warning) or every ``schedule.exit_interval``
-iterations saves at the end of the current step and exits cleanly. On resume the LR schedule is the checkpoint's (megatron's
+iterations saves at the end of the current step and exits cleanly (a signal during set-up: see
+``training/stop.py``). On resume the LR schedule is the checkpoint's (megatron's
 ``OptimizerParamScheduler`` semantics), so keep ``schedule.*`` unchanged across restarts.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -32,11 +32,12 @@ from megatron_uni.platform.cpu import cpu_optimizer_scope
 from megatron_uni.platform.distributed import init_distributed, is_rank0
 from megatron_uni.tokens import VocabularyLayout
 from megatron_uni.training.expert_balance import ExpertBalance
-from megatron_uni.training.metrics import MetricsLogger, global_token_stats, run_dir_of
+from megatron_uni.training.metrics import MetricsLogger, global_token_stats, run_dir_of, validation_line
 from megatron_uni.training.nonfinite import SkipCounter
 from megatron_uni.training.optim import build_optimizer, build_scheduler
 from megatron_uni.training.optimizer_state import allocate_adam_state, check_resume_layout, restore_adam_step
 from megatron_uni.training.step import make_forward_step
+from megatron_uni.training.stop import StoppedBeforeTraining, install_stop_handlers, reset_stop_flag
 
 log = logging.getLogger("megatron_uni.train")
 
@@ -73,27 +74,6 @@ class StepMetrics:
         losses = {f.name: float(getattr(self.losses, f.name)) for f in dataclasses.fields(self.losses)}
         return {**losses, **self.tokens, "grad_norm": self.grad_norm, "update_ok": self.update_ok, "lr": self.lr,
                 "expert_load": self.expert_load, "skipped_steps": self.skipped_steps}
-
-
-class _StopFlag:
-    """Set by SIGTERM / SIGUSR1; checked once per step on every rank (all-reduced)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. under some test runners)
-                pass
-
-    def _handler(self, signum, frame) -> None:
-        self.raised = True
-
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1 if self.raised else 0], dtype=torch.int)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def wrap_ddp(cfg: Config, chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Module]:
@@ -266,9 +246,16 @@ def train_step(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int
 
 
 def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
-        log_fn: Callable[[str], None] = print) -> TrainState:
+        log_fn: Callable[[str], None] = print,
+        validate: Optional[Callable[[TrainState], Dict[str, float]]] = None) -> TrainState:
+    """Train to ``schedule.train_iters``; ``validate`` (``training/validation.Validation``) runs
+    every ``eval.interval`` iterations and its ``valid/*`` metrics join that step's record."""
     cfg = state.cfg
-    stop = _StopFlag()
+    stop = install_stop_handlers()  # the CLI installed them before set-up; a no-op then
+    if stop.any_rank():  # raised during set-up: nothing trained, nothing to save
+        reset_stop_flag()
+        raise StoppedBeforeTraining(f"stop signal received during set-up, before iteration {state.iteration + 1}: "
+                                    f"exiting without training or saving; run again to continue")
     logger = MetricsLogger(run_dir_of(cfg.logging.run_dir, cfg.checkpoint.save) if is_rank0() else None,
                            cfg.model, cfg.data.seq_length, cfg.data.block_size, cfg.data.global_batch_size,
                            cfg.parallel.world_size or 1, cfg.schedule.train_iters, state.iteration)
@@ -276,13 +263,19 @@ def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
         start = time.perf_counter()
         metrics = train_step(state, make_microbatch, seq_length)
         record = logger.record(state.iteration, metrics.as_record(), time.perf_counter() - start)
-        if is_rank0() and state.iteration % cfg.logging.log_interval == 0:
+        evaluated = validate is not None and cfg.eval.interval and state.iteration % cfg.eval.interval == 0
+        if evaluated:
+            record.update(validate(state))
+        if is_rank0() and (evaluated or state.iteration % cfg.logging.log_interval == 0):
             logger.write(record)
             log_fn(logger.console_line(record))
+            if evaluated:
+                log_fn(validation_line(state.iteration, record))
         interval = cfg.checkpoint.save_interval
         due = cfg.checkpoint.save and interval and state.iteration % interval == 0
         exit_now = cfg.schedule.exit_interval and state.iteration % cfg.schedule.exit_interval == 0
         if stop.any_rank() or exit_now:
+            reset_stop_flag()
             if cfg.checkpoint.save:
                 path = save(state)
                 if is_rank0():

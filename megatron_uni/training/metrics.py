@@ -37,6 +37,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from megatron_uni import platform
 from megatron_uni.config import ModelConfig
 from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_IMAGE, MODALITY_TEXT
 from megatron_uni.diffusion.inputs import DiffusionInputs
@@ -109,8 +110,7 @@ def token_stats(per_token_ce: torch.Tensor, inputs: DiffusionInputs) -> torch.Te
 
 def global_token_stats(reports: Sequence[Dict], contributes: bool) -> Dict[str, float]:
     """The step's masked-token CE and special-token loss over all micro-batches and ranks."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    total = torch.zeros(len(TOKEN_FIELDS), device=device)
+    total = torch.zeros(len(TOKEN_FIELDS), device=platform.device())  # the process group's device
     if contributes:
         for report in reports:
             total += report["tokens"].to(total.device).float()
@@ -205,6 +205,13 @@ class MetricsLogger:
             self.jsonl.close()
         if self.tensorboard:
             self.tensorboard.close()
+
+
+def validation_line(iteration: int, record: Dict) -> str:
+    """The console line of an evaluation (``training/validation.py``'s ``valid/*`` fields)."""
+    return (f"valid {iteration:6d} | ce {_fmt(record['valid/masked_ce'])} | text {_fmt(record['valid/text_ce'])} | "
+            f"image {_fmt(record['valid/image_ce'])} | special {_fmt(record['valid/special_ce'])} | "
+            f"{record['valid/masked_tokens']:.0f} masked tokens")
 
 
 def _tensorboard(run_dir: str):

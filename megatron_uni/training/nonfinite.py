@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+from megatron_uni import platform
+
 
 class TrainingAborted(RuntimeError):
     """Too many consecutive non-finite steps: training cannot continue from here."""
@@ -26,8 +28,7 @@ def grads_finite(model_chunks: Sequence[torch.nn.Module]) -> bool:
     for chunk in model_chunks:
         for buffer in list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", [])):
             finite = finite and bool(torch.isfinite(buffer.grad_data).all())
-    flag = torch.tensor([0.0 if finite else 1.0],
-                        device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
+    flag = torch.tensor([0.0 if finite else 1.0], device=platform.device())  # the process group's device
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return flag.item() == 0.0

@@ -1,8 +1,10 @@
 """One micro-batch through the model: megatron's ``forward_step_func`` for every PP schedule.
 
 The data iterator yields :class:`~megatron_uni.diffusion.inputs.DiffusionInputs` (the BDLM
-layout built by the diffusion step). Every pipeline stage reads the same micro-batch: positions
-and the attention layout are needed on all stages, labels and loss weights on the last.
+layout built by the diffusion step), built on the CPU; :func:`make_forward_step` moves it to
+``platform.device()`` -- the one host-to-device copy of the training step. Every pipeline stage
+reads the same micro-batch: positions and the attention layout are needed on all stages, labels
+and loss weights on the last.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from functools import partial
 
 import torch
 
+from megatron_uni import platform
 from megatron_uni.diffusion.inputs import DiffusionInputs
 from megatron_uni.diffusion.losses import loss_sums, schedule_loss
 from megatron_uni.training.confidence import confidence_loss_func
@@ -27,7 +30,7 @@ def loss_func(inputs: DiffusionInputs, weighting: str, per_token_ce: torch.Tenso
 
 def make_forward_step(weighting: str, confidence_beta: float = 0.0):
     def forward_step(data_iterator, model):
-        inputs: DiffusionInputs = next(data_iterator)
+        inputs: DiffusionInputs = next(data_iterator).to(platform.device(), non_blocking=True)
         if confidence_beta:  # CAP needs the logits, not megatron's per-token CE
             logits = model(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
             return logits, partial(confidence_loss_func, inputs, weighting, confidence_beta)
