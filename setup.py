@@ -28,7 +28,8 @@ setup(
         "te": ["transformer-engine[pytorch,core-cu13]>=2.9"],  # GPU clusters only
         "dali": ["nvidia-dali-cuda130>=2.0"],
         "mpi": ["mpi4py>=4.1", "mpich>=4"],
-        "test": ["pytest>=8", "pytest-timeout", "matplotlib"],  # matplotlib: tools/plot_logs.py
+        # matplotlib: tools/plot_logs.py; diffusers: the LLaDA2Pipeline comparison of the sampler
+        "test": ["pytest>=8", "pytest-timeout", "matplotlib", "diffusers>=0.42"],
     },
     entry_points={"console_scripts": ["megatron-uni=megatron_uni.cli:main"]},
 )
