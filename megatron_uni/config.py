@@ -225,6 +225,22 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    """Samples during training (``training/samples.py``, docs/training.md): every
+    ``sample_interval`` steps rank 0 generates greedily from fixed prompts with the model being
+    trained and writes ``RUN_DIR/samples/iter_NNNNNNN.jsonl``."""
+
+    sample_interval: int = 0               # 0: off
+    sample_prompts: List[str] = dataclasses.field(      # plain-text continuations
+        default_factory=lambda: ["A small red house stands"])
+    sample_image_prompts: List[str] = dataclasses.field(  # text-to-image (chat template, no CFG)
+        default_factory=lambda: ["a red circle on a blue background"])
+    sample_image_grid: List[int] = dataclasses.field(default_factory=lambda: [4, 4])  # [H, W] codes
+    sample_length: int = 32                # text positions generated per prompt
+    sample_steps: int = 8                  # refinement forwards per block at most (block: data.block_size)
+
+
+@dataclasses.dataclass
 class Config:
     model: ModelConfig
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
@@ -234,6 +250,7 @@ class Config:
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         """Every key of every section: written as YAML it loads back as the same recipe."""
@@ -469,8 +486,17 @@ def validate(cfg: Config) -> None:
              f"data.micro_batch_size={d.micro_batch_size}")
     _require(d.block_size >= 1, f"data.block_size={d.block_size} must be >= 1")
     validate_diffusion(cfg.diffusion)
+    validate_eval(cfg.eval)
     _check_choices("schedule", cfg.schedule)
     _check_choices("logging", cfg.logging)
+
+
+def validate_eval(e: EvalConfig) -> None:
+    _require(e.sample_interval >= 0, f"eval.sample_interval={e.sample_interval} must be >= 0 (0: off)")
+    _require(e.sample_length >= 1 and e.sample_steps >= 1,
+             f"eval.sample_length={e.sample_length} and eval.sample_steps={e.sample_steps} must be >= 1")
+    _require(len(e.sample_image_grid) == 2 and min(e.sample_image_grid) >= 1,
+             f"eval.sample_image_grid={e.sample_image_grid} must be [H, W] with positive sides (in codes)")
 
 
 def validate_world_size(cfg: Config, world_size: int) -> None:
