@@ -125,3 +125,32 @@ def test_bad_eval_keys_name_the_key(override, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("recipes/model/tiny.yaml", [override])
+
+
+def test_write_samples_skips_with_one_note(demo, tmp_path, monkeypatch):
+    """Off-interval steps write nothing; a split layout and a prompt the sampler refuses are
+    logged once each and leave the run going (no file, no exception)."""
+    import types
+
+    from megatron_uni.config import load_config
+    from megatron_uni.inference.generate import GenerationError
+    from megatron_uni.training import samples
+
+    def state(iteration, *overrides):
+        cfg = load_config("recipes/model/tiny.yaml", ["eval.sample_interval=2", f"logging.run_dir={tmp_path}",
+                                                      f"data.tokenizer={demo.root / 'tokenizer'}", *overrides])
+        return types.SimpleNamespace(cfg=cfg, iteration=iteration, model=[None])
+
+    lines = []
+    assert samples.write_samples(state(3), lines.append) is None and lines == []
+    for iteration in (2, 4):
+        assert samples.write_samples(state(iteration, "parallel.pipeline=2"), lines.append) is None
+
+    def refuse(*args):
+        raise GenerationError("no size token <|reserved_token_99|>")
+
+    monkeypatch.setattr(samples, "sample_records", refuse)
+    for iteration in (2, 4):
+        assert samples.write_samples(state(iteration), lines.append) is None
+    assert len(lines) == 2 and "parallel.pipeline=2" in lines[0] and "reserved_token_99" in lines[1], lines
+    assert not (tmp_path / "samples").exists()

@@ -12,7 +12,8 @@ prompt (format in docs/training.md):
 
 The training chunk is wrapped by DDP and built with the plain block-diffusion attention, so the
 uncached runner drives it (prefix recomputed every step: cheap for a few short prompts). The
-model is whole on rank 0 only without TP / PP / EP / CP; other layouts skip with one logged note.
+model is whole on rank 0 only without TP / PP / EP / CP; other layouts, and prompts the sampler
+refuses, skip with one logged note (training goes on).
 Sampling never changes the run: the forwards run under ``no_grad`` (routers count tokens for the
 expert-bias update only with gradients on), every RNG state is restored afterwards and each
 module's train/eval mode put back.
@@ -31,7 +32,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_uni.config import Config, ParallelConfig
 from megatron_uni.inference.command import render_text
-from megatron_uni.inference.generate import generate
+from megatron_uni.inference.generate import GenerationError, generate
 from megatron_uni.inference.megatron_runner import megatron_runner
 from megatron_uni.inference.prompts import text_request, text_to_image_request
 from megatron_uni.inference.sampling import SamplerSettings
@@ -54,7 +55,8 @@ def unsupported_layout(parallel: ParallelConfig) -> Optional[str]:
     named = [f"{key}={value}" for key, value in split.items() if value > 1]
     if parallel.virtual_pipeline:
         named.append(f"parallel.virtual_pipeline={parallel.virtual_pipeline}")
-    return f"the model is split over ranks ({', '.join(named)})" if named else None
+    return (f"the model is split over ranks ({', '.join(named)}); eval.sample_interval needs it whole on rank 0"
+            if named else None)
 
 
 @functools.lru_cache(maxsize=4)
@@ -120,7 +122,7 @@ def sample_records(model: torch.nn.Module, cfg: Config, vocabulary: Vocabulary, 
 def _note_once(reason: str, log_fn: Callable[[str], None]) -> None:
     if reason not in _NOTED:
         _NOTED.add(reason)
-        log_fn(f"samples skipped: {reason} (eval.sample_interval needs the whole model on rank 0)")
+        log_fn(f"samples skipped: {reason}")
 
 
 def write_samples(state, log_fn: Callable[[str], None] = print) -> Optional[str]:
@@ -139,7 +141,11 @@ def write_samples(state, log_fn: Callable[[str], None] = print) -> Optional[str]
         _note_once(reason, log_fn)
         return None
     vocabulary = _vocabulary(cfg.data.tokenizer, cfg.model.text_vocab, cfg.model.num_image_codes)
-    records = sample_records(state.model[0], cfg, vocabulary, state.iteration)
+    try:
+        records = sample_records(state.model[0], cfg, vocabulary, state.iteration)
+    except GenerationError as err:  # e.g. a grid without size tokens: the run goes on without samples
+        _note_once(f"eval.sample_*: {err}", log_fn)
+        return None
     path = samples_path(run_dir, state.iteration)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
