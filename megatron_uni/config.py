@@ -230,12 +230,22 @@ class LoggingConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
-    """Validation on held-out data (``training/validation.py``, docs/training.md)."""
+    """Validation on held-out data (``training/validation.py``) and samples during training
+    (``training/samples.py``: every ``sample_interval`` steps rank 0 generates greedily from fixed
+    prompts with the model being trained into ``RUN_DIR/samples/iter_NNNNNNN.jsonl``); docs/training.md."""
 
     interval: int = 0                      # >0: evaluate every `interval` iterations (0: never)
     path: Optional[str] = None             # held-out dataset prefix or blend YAML (tokenizer, packing: data.*)
     iters: int = 1                         # global batches per evaluation (the same ones every time)
     seed: int = 0                          # noise seed: every evaluation masks the same positions
+    sample_interval: int = 0               # >0: write samples every `sample_interval` iterations (0: off)
+    sample_prompts: List[str] = dataclasses.field(      # plain-text continuations
+        default_factory=lambda: ["A small red house stands"])
+    sample_image_prompts: List[str] = dataclasses.field(  # text-to-image (chat template, no CFG)
+        default_factory=lambda: ["a red circle on a blue background"])
+    sample_image_grid: List[int] = dataclasses.field(default_factory=lambda: [4, 4])  # [H, W] codes
+    sample_length: int = 32                # text positions generated per prompt
+    sample_steps: int = 8                  # refinement forwards per block at most (block: data.block_size)
 
 
 @dataclasses.dataclass
@@ -490,12 +500,20 @@ def validate(cfg: Config) -> None:
     _require(d.num_workers >= 0 and d.prefetch >= 1,
              f"data.num_workers={d.num_workers} must be >= 0 and data.prefetch={d.prefetch} >= 1")
     validate_diffusion(cfg.diffusion)
+    validate_eval(cfg.eval)
     _check_choices("schedule", cfg.schedule)
     _check_choices("logging", cfg.logging)
-    _require(cfg.eval.interval >= 0 and cfg.eval.iters >= 1,
-             f"eval.interval={cfg.eval.interval} must be >= 0 and eval.iters={cfg.eval.iters} >= 1")
-    _require(not cfg.eval.interval or bool(cfg.eval.path),
-             f"eval.interval={cfg.eval.interval} needs eval.path (a held-out dataset prefix or blend YAML)")
+
+
+def validate_eval(e: EvalConfig) -> None:
+    _require(e.interval >= 0 and e.iters >= 1, f"eval.interval={e.interval} must be >= 0 and eval.iters={e.iters} >= 1")
+    _require(not e.interval or bool(e.path),
+             f"eval.interval={e.interval} needs eval.path (a held-out dataset prefix or blend YAML)")
+    _require(e.sample_interval >= 0, f"eval.sample_interval={e.sample_interval} must be >= 0 (0: off)")
+    _require(e.sample_length >= 1 and e.sample_steps >= 1,
+             f"eval.sample_length={e.sample_length} and eval.sample_steps={e.sample_steps} must be >= 1")
+    _require(len(e.sample_image_grid) == 2 and min(e.sample_image_grid) >= 1,
+             f"eval.sample_image_grid={e.sample_image_grid} must be [H, W] with positive sides (in codes)")
 
 
 def validate_world_size(cfg: Config, world_size: int) -> None:

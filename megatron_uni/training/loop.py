@@ -35,6 +35,7 @@ from megatron_uni.training.expert_balance import ExpertBalance
 from megatron_uni.training.metrics import MetricsLogger, global_token_stats, run_dir_of, validation_line
 from megatron_uni.training.nonfinite import SkipCounter
 from megatron_uni.training.optim import build_optimizer, build_scheduler
+from megatron_uni.training import samples
 from megatron_uni.training.optimizer_state import allocate_adam_state, check_resume_layout, restore_adam_step
 from megatron_uni.training.step import make_forward_step
 from megatron_uni.training.stop import StoppedBeforeTraining, install_stop_handlers, reset_stop_flag
@@ -271,6 +272,7 @@ def run(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int,
             log_fn(logger.console_line(record))
             if evaluated:
                 log_fn(validation_line(state.iteration, record))
+        samples.write_samples(state, log_fn)  # every eval.sample_interval steps, rank 0 (training/samples.py)
         interval = cfg.checkpoint.save_interval
         due = cfg.checkpoint.save and interval and state.iteration % interval == 0
         exit_now = cfg.schedule.exit_interval and state.iteration % cfg.schedule.exit_interval == 0
