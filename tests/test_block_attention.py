@@ -184,16 +184,20 @@ def test_mask_embedding_noise_hook_on_the_megatron_embedding(models):
         captured = []
         probe = ours.embedding.register_forward_hook(lambda m, a, k, out: captured.append(out), with_kwargs=True)
         with torch.no_grad():
+            evaluated = ours(inputs.input_ids, inputs.position_ids, inputs.attention_mask)  # eval mode: no noise
+            ours.embedding.train()  # the hook acts in training only
             noisy = ours(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
             step[0] = 1
             clean = ours(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
         probe.remove()
     finally:
         handle.remove()
+        ours.embedding.eval()
     is_mask = (inputs.input_ids == vocab.mask_id).transpose(0, 1)       # [s, b]
-    changed = (captured[0] - captured[1]).abs().sum(-1) > 0
+    changed = (captured[1] - captured[2]).abs().sum(-1) > 0
     assert is_mask.any() and torch.equal(changed, is_mask)
     assert (noisy - clean).abs().max() > 1e-3
+    assert torch.equal(evaluated, clean)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
