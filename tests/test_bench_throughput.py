@@ -65,3 +65,51 @@ def test_collector_table(card, tmp_path):
     (tmp_path / "b.json").write_text("{}")
     with pytest.raises(SystemExit, match="b.json: not a benchmark card"):
         COLLECT["read_cards"]([str(tmp_path)])
+
+
+FAKE_SRUN = """#!/bin/bash
+# fake srun: drop the options, run the step here
+while [[ "$1" == --* ]]; do shift; done
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1 $2" in
+  "show hostnames") echo n1 ;;
+  "show node") echo "NodeName=n1 NodeAddr=127.0.0.1" ;;
+esac
+"""
+
+
+def test_sweep_sbatch_writes_a_card_per_valid_layout_and_the_table(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "cards"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_NTASKS": "1", "SLURM_SUBMIT_DIR": REPO, "SLURM_JOB_NUM_NODES": "1", "MU_PYTHON": sys.executable,
+           "MU_BENCH_LAYOUTS": "1,1,1,1 2,1,1,1", "MU_BENCH_MICROBATCHES": "1", "MU_BENCH_OUT": str(out),
+           "MU_BENCH_ARGS": "--warmup 0 --steps 1 --threads 1", "MU_BENCH_DYNAMO_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    run = subprocess.run(["bash", os.path.join(REPO, "slurm", "bench.sbatch"),
+                          os.path.join(REPO, "recipes", "bench", "tiny_cpu.yaml"), "data.seq_length=64"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(os.listdir(out)) == ["table.md", "tp1-pp1-ep1-mbs1.json"]
+    assert "layout TP2 PP1 EP1 mbs1: skipped" in run.stdout
+    table = (out / "table.md").read_text().splitlines()
+    assert len(table) == 3 and "| 1 | 1 | 1 | 1 | 1 |" in table[2]
+
+
+def test_proxy_recipe_is_the_16b_width_with_four_layers():
+    from megatron_uni.config import load_config
+    from megatron_uni.model.params import count_parameters
+
+    proxy = load_config(os.path.join(REPO, "recipes", "bench", "proxy_1gpu.yaml"))
+    full = load_config(os.path.join(REPO, "recipes", "model", "llada2_uni_16b.yaml")).model
+    m = proxy.model
+    assert (m.num_layers, m.first_k_dense, m.num_experts, m.params_dtype) == (4, 1, 256, "bfloat16")
+    assert (m.hidden_size, m.moe_ffn_hidden_size, m.vocab) == (full.hidden_size, full.moe_ffn_hidden_size, full.vocab)
+    assert (proxy.data.seq_length, proxy.data.micro_batch_size) == (8192, 1)
+    assert count_parameters(m).total == 3_211_283_456   # the figure in the recipe's memory comment
