@@ -113,3 +113,10 @@ def test_proxy_recipe_is_the_16b_width_with_four_layers():
     assert (m.hidden_size, m.moe_ffn_hidden_size, m.vocab) == (full.hidden_size, full.moe_ffn_hidden_size, full.vocab)
     assert (proxy.data.seq_length, proxy.data.micro_batch_size) == (8192, 1)
     assert count_parameters(m).total == 3_211_283_456   # the figure in the recipe's memory comment
+
+
+def test_cli_bench_runs_the_tool(capsys):
+    from megatron_uni.cli import main as cli_main
+
+    assert cli_main(["bench", os.path.join(REPO, "recipes", "bench", "tiny_cpu.yaml"), "model.nope=1"]) == 2
+    assert "config error: unknown key model.nope" in capsys.readouterr().err

@@ -56,7 +56,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_uni.config import Config, DiffusionConfig, data_parallel_size, load_config  # noqa: E402
+from megatron_uni.config import Config, ConfigError, data_parallel_size, load_config  # noqa: E402
 from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_TEXT, Batch  # noqa: E402
 from megatron_uni.diffusion.inputs import DiffusionInputs, build_inputs  # noqa: E402
 from megatron_uni.model import flops  # noqa: E402
@@ -395,9 +395,7 @@ def measure_baseline(cfg: Config, documents: SyntheticDocuments, warmup: int, st
               "rows_per_step": rows / steps,
               "tokens_per_s_per_gpu": {"loss_tokens": losses / seconds, "sample_tokens": samples / seconds},
               **peak_memory()}
-    del model, params, optimizer
-    gc.collect()
-    return result
+    return result   # the reference model and its optimizer are freed with this frame
 
 
 # ------------------------------------------------------------------------------------------------
@@ -474,7 +472,7 @@ def card_name(recipe: str, cfg: Config, device: Dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="bench_throughput.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="training recipe, e.g. recipes/bench/proxy_1gpu.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. parallel.expert=8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
@@ -494,7 +492,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.recipe, args.overrides)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as err:
+        print(f"bench_throughput: config error: {err}", file=sys.stderr)
+        return 2
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
     median = args.median_doc or max(cfg.data.block_size, cfg.data.seq_length // 4)
@@ -519,6 +521,7 @@ def main(argv=None) -> int:
         card["baseline_dfactory"] = measure_baseline(cfg, documents, args.warmup, args.steps)
         ratio = ours["tokens_per_s_per_gpu"]["loss_tokens"] / card["baseline_dfactory"]["tokens_per_s_per_gpu"]["loss_tokens"]
         card["speedup_loss_tokens_vs_dfactory"] = ratio
+        gc.collect()
     if args.megatron_gpt and documents is not None and single:
         card["megatron_gpt"] = measure_megatron_gpt(cfg, documents, args.repeats)
         destroy()
