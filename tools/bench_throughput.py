@@ -97,6 +97,15 @@ def peak_memory() -> Dict:
     return {"peak_memory_gib": rss_kib / 2 ** 20, "memory_kind": "process peak RSS (CPU)"}
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over all ranks (on the GPU under NCCL), returned on the CPU."""
+    if not torch.distributed.is_initialized():
+        return tensor
+    moved = tensor.cuda() if torch.cuda.is_available() else tensor
+    torch.distributed.all_reduce(moved)
+    return moved.cpu()
+
+
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
@@ -221,7 +230,8 @@ class RoutingCounter:
     def __init__(self, model_chunks, num_layers: int, num_experts: int):
         from megatron.core.transformer.moe.router import TopKRouter
 
-        self.counts = torch.zeros(num_layers, max(num_experts, 1), dtype=torch.float64)
+        self.num_layers, self.num_experts = num_layers, max(num_experts, 1)
+        self.counts: Dict[int, torch.Tensor] = {}   # layer index -> [experts], on the router's device (no sync)
         self.enabled = False
         for chunk in model_chunks:
             for module in chunk.modules():
@@ -230,13 +240,15 @@ class RoutingCounter:
 
     def _hook(self, module, args, output):
         if self.enabled:
-            routing_map = output[1]
-            self.counts[module.layer_number - 1] += routing_map.sum(0).double().cpu()
+            routed = output[1].sum(0).double()
+            layer = module.layer_number - 1
+            self.counts[layer] = self.counts[layer] + routed if layer in self.counts else routed
 
     def summary(self) -> List[Dict]:
-        counts = self.counts.clone()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)   # ranks route disjoint tokens (DP, SP) or layers (PP)
+        counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
+        for layer, routed in self.counts.items():
+            counts[layer] = routed.cpu()
+        counts = all_reduce_sum(counts)   # ranks route disjoint tokens (DP, SP) or layers (PP)
         layers = []
         for layer, row in enumerate(counts):
             total = float(row.sum())
@@ -253,9 +265,7 @@ class RoutingCounter:
 def _per_gpu_sum(values: List[float], cfg: Config) -> List[float]:
     """Per-GPU mean of quantities each rank counted for its whole model replica."""
     replica_ranks = cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.context
-    tensor = torch.tensor([v / replica_ranks for v in values], dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)
+    tensor = all_reduce_sum(torch.tensor([v / replica_ranks for v in values], dtype=torch.float64))
     return (tensor / (cfg.parallel.world_size or 1)).tolist()
 
 
@@ -503,6 +513,9 @@ def main(argv=None) -> int:
     documents = SyntheticDocuments(cfg, median, cfg.data.seed) if args.data == "synthetic" else None
     if args.threads:
         torch.set_num_threads(args.threads)
+    if torch.cuda.is_available() and os.environ.get("TORCHDYNAMO_DISABLE") == "1":
+        print("bench_throughput: warning: TORCHDYNAMO_DISABLE=1 -- FlexAttention runs eagerly (dense mask "
+              "memory, slow); unset it for a GPU measurement", file=sys.stderr)
     device = device_info()
     from megatron_uni.platform.distributed import destroy, is_rank0
 
