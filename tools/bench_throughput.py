@@ -20,7 +20,7 @@ Data: synthetic by default -- documents of lognormal length (median ``--median-d
 of L by default), a quarter of each document a clean prompt, greedily packed into L-token rows
 -- or the recipe's ``data.path`` with ``--data recipe``.
 
-Baselines, same run, same documents:
+Baselines, same run, documents from the same generator:
 
 * ``--baseline``: the plain-PyTorch reference model (``convert/hf_reference.py``) run the way
   dFactory runs it: one conversation per row padded to L, full ``[noisy | clean]`` 2L rows
@@ -162,7 +162,7 @@ def pack(lengths: List[int], seq_length: int) -> List[List[int]]:
 
 
 class SyntheticDocuments:
-    """The stream of documents shared by our run (packed) and the baseline (one per row)."""
+    """Synthetic documents for our run (packed) and the baseline (one per row): same generator."""
 
     def __init__(self, cfg: Config, median: int, seed: int):
         self.cfg, self.median, self.seed = cfg, median, seed
