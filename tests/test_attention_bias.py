@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from megatron_uni.attention.bias import BiasCache, additive_bias
+from megatron_uni.attention.bias import BiasCache, additive_bias, finite_masked_value
 from megatron_uni.attention.masks import dense_mask
 from megatron_uni.config import ConfigError, DiffusionConfig, load_config
 from megatron_uni.diffusion.inputs import build_inputs
@@ -35,6 +35,11 @@ def test_bias_is_zero_exactly_where_the_mask_rule_allows(shared_clean, prefix_aw
         with_bias = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive_bias(layout))
         with_mask = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~masked_out)
         torch.testing.assert_close(with_bias, with_mask)
+        # the finite variant (what the TE backend passes) gives the same softmax
+        finite = additive_bias(layout, masked_value=finite_masked_value(torch.float32))
+        assert torch.equal(finite == 0, ~masked_out) and finite.isfinite().all()
+        with_finite = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=finite)
+        torch.testing.assert_close(with_finite, with_mask)
 
 
 def test_bias_cache_builds_once_per_descriptor_and_dtype():
@@ -46,6 +51,9 @@ def test_bias_cache_builds_once_per_descriptor_and_dtype():
     assert cache.get(inputs.attention_mask, torch.bfloat16) is first and cache.builds == 1
     cache.get(inputs.attention_mask, torch.float32)
     assert cache.builds == 2
+    finite = BiasCache(finite=True).get(inputs.attention_mask, torch.bfloat16)
+    assert finite.isfinite().all() and finite.min().item() == -(2.0 ** 50)
+    assert te_attention.bias_cache().finite
 
 
 def test_backend_selection(monkeypatch):

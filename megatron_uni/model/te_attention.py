@@ -4,7 +4,8 @@ block-diffusion mask as an additive bias (``model.attention_backend: te_fused``)
 megatron-core 0.16.1's ``TEDotProductAttention`` forwards ``attention_bias`` to TE as a
 ``post_scale_bias``. This subclass keeps our contract -- megatron hands it the layout
 descriptor as ``attention_mask`` -- and turns the descriptor into that bias
-(``attention/bias.py``), once per micro-batch for all layers, then calls TE with no mask.
+(``attention/bias.py``; 0 / -2**50, finite as in TE's own example of an arbitrary mask as a
+post-scale bias), once per micro-batch for all layers, then calls TE with no mask.
 Built on first use because TE must import (GPU machines with the ``[te]`` extra). Parity with
 the FlexAttention path: unmeasured (no GPU was lent to the session that wrote it).
 """
@@ -18,7 +19,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron_uni.attention.bias import BiasCache
 from megatron_uni.attention.layout import is_descriptor
 
-_BIAS_CACHE = BiasCache()
+# finite masked value, as in TE's own arbitrary-mask-to-post-scale-bias example
+_BIAS_CACHE = BiasCache(finite=True)
 
 
 def bias_cache() -> BiasCache:
