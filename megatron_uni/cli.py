@@ -3,6 +3,7 @@
     megatron-uni info  RECIPE [section.key=value ...]   resolved config, parameter counts, layout
     megatron-uni train RECIPE [section.key=value ...]   train (single process, torchrun, srun, mpirun)
     megatron-uni generate MODEL TASK ...               text / image / edit / understand (docs/inference.md)
+    megatron-uni bench RECIPE [overrides] [--baseline]  throughput card (tools/bench_throughput.py, a checkout)
 
 Recipes are YAML files (see recipes/); overrides use dotted keys, e.g. ``optimizer.lr=1e-4``.
 The offline tools (dataset building, image tokenization, HF conversion, benchmarks) live in
@@ -111,7 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     # parsed by megatron_uni.inference.command (see main); listed here for --help
     sub.add_parser("generate", add_help=False, help="generate text or image codes from an HF folder or a checkpoint")
+    sub.add_parser("bench", add_help=False, help="throughput benchmark card: tools/bench_throughput.py (see its --help)")
     return parser
+
+
+def _bench(argv: List[str]) -> int:
+    """``tools/bench_throughput.py`` of the checkout this package runs from (tools/ is not installed)."""
+    import os
+    import runpy
+
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench_throughput.py")
+    if not os.path.isfile(tool):
+        print(f"megatron-uni bench: {tool} not found (the benchmark runs from a repository checkout)", file=sys.stderr)
+        return 2
+    return runpy.run_path(tool, run_name="bench_throughput")["main"](argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -120,6 +134,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from megatron_uni.inference.command import main as generate_main
 
         return generate_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     from megatron_uni.checkpoint import CheckpointError
     from megatron_uni.training.nonfinite import TrainingAborted

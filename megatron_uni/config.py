@@ -30,6 +30,8 @@ class ConfigError(MegatronUniError, ValueError):
 # ----------------------------------------------------------------------------------------------
 ParamsDtype = Literal["float32", "bfloat16"]
 TransformerImpl = Literal["auto", "transformer_engine", "local"]   # auto: TE if importable
+# flex: FlexAttention on CUDA, chunked SDPA elsewhere; te_fused: TE/cuDNN with an additive mask bias
+AttentionBackend = Literal["flex", "te_fused"]
 Fp8Format = Literal["e4m3", "hybrid"]
 Fp8Recipe = Literal["delayed", "tensorwise", "blockwise"]
 RecomputeGranularity = Literal["full", "selective"]
@@ -80,6 +82,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     params_dtype: ParamsDtype = "float32"
     transformer_impl: TransformerImpl = "auto"
+    attention_backend: AttentionBackend = "flex"   # block-diffusion core attention (model/spec.py)
     fp8: Optional[Fp8Format] = None
     fp8_recipe: Fp8Recipe = "delayed"
     recompute_granularity: Optional[RecomputeGranularity] = None

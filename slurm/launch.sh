@@ -36,7 +36,11 @@ mu_setup_env() {
     export MU_HOME MU_PYTHON
     export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
     export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-    export TORCHDYNAMO_DISABLE=${TORCHDYNAMO_DISABLE:-1}
+    # torch.compile (compiled FlexAttention) on GPU nodes; off on CPU-only nodes, where it only
+    # costs start-up time. An explicit TORCHDYNAMO_DISABLE from the environment wins.
+    if ! command -v nvidia-smi >/dev/null 2>&1; then
+        export TORCHDYNAMO_DISABLE=${TORCHDYNAMO_DISABLE:-1}
+    fi
 }
 
 # MASTER_ADDR from the first node's NodeAddr, MASTER_PORT in [20000, 40000) from the job id.

@@ -22,10 +22,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_flop_formula_by_hand_for_the_tiny_model():
     m = load_config("recipes/model/tiny.yaml").model
-    # active: 4 layers of attention (64*(64+2*32) + 64*64 + 2*16 + 64 = 12384), 1 dense FFN
-    # (3*64*128 + 64 = 24640), 3 MoE layers of router 8*64 + 2 experts + shared 3*64*32 each +
-    # norm 64 (512 + 3*6144 + 64 = 19008), final norm 64, output layer 1280*64 (input embedding excluded)
-    matmul = 4 * 12384 + 24640 + 3 * 19008 + 64 + 1280 * 64
+    # matmul weights per position: 4 layers of attention (64*(64+2*32) + 64*64 = 12288), 1 dense
+    # FFN (3*64*128 = 24576), 3 MoE layers of router 8*64 + 2 experts + shared 3*64*32 each
+    # (512 + 3*6144 = 18944), output layer 1280*64 (input embedding and norms: no matmul)
+    matmul = 4 * 12288 + 24576 + 3 * 18944 + 1280 * 64
     L, B = 64, 8
     n = L // B
     want = 3 * (2 * matmul * 2 * L + 4 * 4 * 4 * 16 * n * (n + 1) * B * B)

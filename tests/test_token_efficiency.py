@@ -34,12 +34,3 @@ def test_systems_ordered_and_loss_tokens_equal(tool, mix):
     assert dfactory["positions"] == 12 * 2 * 2 * 3072  # complementary pair of 2L rows per sample
     assert ours["positions"] < packed["positions"] < dfactory["positions"]
     assert ours["pairs"] <= packed["pairs"] < dfactory["pairs"]
-
-
-def test_linear_parameters_of_the_16b_model(tool):
-    from megatron_uni.config import load_config
-
-    model = load_config(os.path.join(REPO, "recipes", "model", "llada2_uni_16b.yaml")).model
-    # 1.50B active per token with both embedding matrices (README); the input lookup costs no FLOPs
-    active_without_input_embedding = tool.linear_params_per_position(model) + model.hidden_size * model.vocab
-    assert abs(active_without_input_embedding / 1e9 - 1.50) < 0.01

@@ -26,6 +26,7 @@ import os
 from typing import Dict, List, Optional
 
 from megatron_uni.config import ModelConfig, load_config
+from megatron_uni.model import flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_RECIPE = os.path.join(REPO, "recipes", "model", "llada2_uni_16b.yaml")
@@ -100,30 +101,20 @@ def load_model(recipe: str = MODEL_RECIPE) -> ModelConfig:
     return load_config(recipe).model
 
 
-def attention_params(m: ModelConfig) -> int:
-    q, kv = m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
-    return m.hidden_size * (q + 2 * kv) + q * m.hidden_size
+attention_params = flops.attention_weights
+matmul_params_per_position = flops.linear_weights_per_position   # active weights, output layer included
 
 
 def expert_params(m: ModelConfig) -> int:
     """One routed expert (SwiGLU: fc1 is 2 x ffn wide)."""
-    return 3 * m.hidden_size * m.moe_ffn_hidden_size
+    return flops.swiglu_weights(m.hidden_size, m.moe_ffn_hidden_size)
 
 
 def shared_expert_params(m: ModelConfig) -> int:
-    return 3 * m.hidden_size * (m.moe_shared_expert_intermediate_size or 0)
+    return flops.swiglu_weights(m.hidden_size, m.moe_shared_expert_intermediate_size or 0)
 
 
-def moe_layers(m: ModelConfig) -> int:
-    return m.num_layers - m.first_k_dense
-
-
-def matmul_params_per_position(m: ModelConfig) -> int:
-    """Weights a position multiplies by (active: top-k experts), output layer included."""
-    dense = m.first_k_dense * (attention_params(m) + 3 * m.hidden_size * m.ffn_hidden_size)
-    routed = m.hidden_size * m.num_experts + m.moe_router_topk * expert_params(m) + shared_expert_params(m)
-    moe = moe_layers(m) * (attention_params(m) + routed)
-    return dense + moe + m.hidden_size * m.vocab
+moe_layers = flops.num_moe_layers
 
 
 def params_split(m: ModelConfig) -> Dict[str, int]:
@@ -155,14 +146,16 @@ def attended_tiles(seq_length: int, layout: str, tile: int = FLEX_TILE) -> int:
 
 
 def attention_flops_per_sample(m: ModelConfig, stage: Stage) -> float:
-    """Forward QK^T and AV: 2 x 2 flops per (query, key, head dim, head)."""
-    pairs = attended_tiles(stage.seq_length, stage.layout) * FLEX_TILE ** 2
-    return 4.0 * pairs * m.num_attention_heads * m.kv_channels * m.num_layers
+    """Forward attention over every position of the computed FlexAttention tiles (hardware work;
+    ``flops.attended_pairs`` is the exact, smaller model count)."""
+    return float(flops.attention_forward_flops(m, attended_tiles(stage.seq_length, stage.layout) * FLEX_TILE ** 2))
 
 
 def train_flops_per_sample(m: ModelConfig, stage: Stage) -> float:
-    forward = 2.0 * matmul_params_per_position(m) * positions_per_sample(stage) + attention_flops_per_sample(m, stage)
-    return forward * (4 if stage.recompute == "full" else 3)
+    """Hardware FLOPs: model FLOPs (``megatron_uni.model.flops``) with tiles for pairs, plus one
+    more forward under full recompute."""
+    forward = flops.linear_forward_flops(m, positions_per_sample(stage)) + attention_flops_per_sample(m, stage)
+    return float(forward * (flops.TRAIN_OVER_FORWARD + (1 if stage.recompute == "full" else 0)))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ the model positions, the attention pairs the kernel computes and the loss-bearin
 * **ours**: packed, prefix-aware compaction (rows padded to 128), complementary pairs in the
   shared-clean ``[noisy_a | noisy_b | clean]`` layout (one clean copy per pair), FlexAttention.
 
-FLOPs: linear layers 6 x (active linear parameters, LM head included, for every position --
-megatron computes logits for the clean copy too) per position; attention 12 x heads x head_dim x
-layers per computed pair (QK^T and PV, forward + 2x backward). Model sizes from
+FLOPs: ``model/flops.py``'s formula -- linear layers 2 x (active matmul weights, LM head
+included: megatron computes logits for the clean copy too) per position; attention 4 x heads x
+head_dim x layers per computed pair (QK^T and AV); training 3 x forward. Model sizes from
 ``--model-recipe`` (default the 16B recipe).
 
 Mixes (assumptions, not statistics of real data):
@@ -45,6 +45,7 @@ from megatron_uni.config import DiffusionConfig, ModelConfig, load_config
 from megatron_uni.data.batch import MODALITY_IMAGE, MODALITY_TEXT, Batch
 from megatron_uni.diffusion.inputs import build_inputs
 from megatron_uni.diffusion.savings import SHAPES
+from megatron_uni.model import flops
 from megatron_uni.tokens import Vocabulary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,22 +156,11 @@ def count_rows(rows: List[List[Sample]], args, vocab: Vocabulary, ours: bool, de
     return totals
 
 
-def linear_params_per_position(m: ModelConfig) -> int:
-    """Active linear-layer parameters one position goes through (router, top-k + shared experts, LM head)."""
-    h, d = m.hidden_size, m.kv_channels
-    attention = h * d * (m.num_attention_heads + 2 * m.num_query_groups) + m.num_attention_heads * d * h
-    dense_mlp = 3 * h * m.ffn_hidden_size
-    shared = 3 * h * (m.moe_shared_expert_intermediate_size or 0)
-    moe_mlp = h * m.num_experts + m.moe_router_topk * 3 * h * m.moe_ffn_hidden_size + shared
-    moe_layers = m.num_layers - m.first_k_dense if m.has_moe else 0
-    dense_layers = m.num_layers - moe_layers
-    return m.num_layers * attention + dense_layers * dense_mlp + moe_layers * moe_mlp + h * m.vocab
-
-
 def training_flops(totals: Dict[str, float], m: ModelConfig) -> Tuple[float, float]:
-    """(linear, attention) training FLOPs: 3x forward (backward = 2x forward)."""
-    linear = 6 * linear_params_per_position(m) * totals["positions"]
-    attention = 12 * m.num_attention_heads * m.kv_channels * m.num_layers * totals["pairs"]
+    """(linear, attention) training FLOPs by model/flops.py's formula: 3x forward. The pairs are
+    the kernel's (all of the dense mask, or the BlockMask's non-empty tiles), not the rule's."""
+    linear = flops.TRAIN_OVER_FORWARD * flops.linear_forward_flops(m, totals["positions"])
+    attention = flops.TRAIN_OVER_FORWARD * flops.attention_forward_flops(m, totals["pairs"])
     return linear, attention
 
 
@@ -195,7 +185,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     model = load_config(args.model_recipe).model
     vocab = Vocabulary.synthetic(text_size=model.text_vocab, num_image_codes=model.num_image_codes)
-    print(f"model {os.path.basename(args.model_recipe)}: {linear_params_per_position(model) / 1e9:.2f}B active "
+    print(f"model {os.path.basename(args.model_recipe)}: {flops.linear_weights_per_position(model) / 1e9:.2f}B active "
           f"linear params per position; L = {args.seq_length}, block {args.block_size}, t in "
           f"[{args.t_min}, {args.t_max}], complementary masking, {args.samples} samples per mix")
     header = (f"{'mix':<14} {'system':<30} {'rows':>5} {'positions':>10} {'loss tok':>8} {'pos/loss':>9} "

@@ -21,6 +21,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_uni.config import ConfigError, ModelConfig
 from megatron_uni.model.router import LingTopKRouter
 
 
@@ -33,6 +34,22 @@ def decoder_block_spec(config: TransformerConfig, use_te: bool, vp_stage: Option
     block.layer_specs = [_moe(_same_keys_as_te(_bidirectional(copy.deepcopy(spec), core_attention)), experts)
                          for spec in block.layer_specs]
     return block
+
+
+def core_attention_spec(model: ModelConfig) -> ModuleSpec:
+    """The block-diffusion core attention of ``model.attention_backend``; both take the layout
+    descriptor as ``attention_mask`` and hold no weights (same checkpoints)."""
+    if model.attention_backend == "te_fused":
+        from megatron_uni.model.te_attention import te_fused_block_attention
+        from megatron_uni.platform.te import transformer_engine_available
+
+        if not transformer_engine_available():
+            raise ConfigError("model.attention_backend=te_fused needs TransformerEngine, which does not import "
+                              "here (install the [te] extra on a GPU machine, or set model.attention_backend=flex)")
+        return ModuleSpec(module=te_fused_block_attention())
+    from megatron_uni.model.block_attention import block_attention_spec
+
+    return block_attention_spec()
 
 
 def _same_keys_as_te(layer: ModuleSpec) -> ModuleSpec:

@@ -25,9 +25,9 @@ from megatron_uni import checkpoint
 from megatron_uni.config import Config, data_parallel_size, validate_world_size
 from megatron_uni.diffusion.inputs import DiffusionInputs
 from megatron_uni.diffusion.losses import LossReport, LossSums, combine, reduce_sums
-from megatron_uni.model.block_attention import block_attention_spec
 from megatron_uni.model.builder import build_model_chunks
 from megatron_uni.model.embedding_noise import mask_embedding_noise_hook
+from megatron_uni.model.spec import core_attention_spec
 from megatron_uni.platform.cpu import cpu_optimizer_scope
 from megatron_uni.platform.distributed import init_distributed, is_rank0
 from megatron_uni.tokens import VocabularyLayout
@@ -100,7 +100,7 @@ def setup(cfg: Config, vocabulary: Optional[VocabularyLayout] = None) -> TrainSt
     launch = init_distributed(cfg.parallel, seed=cfg.data.seed)
     validate_world_size(cfg, launch.world_size)
     cfg.parallel.world_size = launch.world_size
-    chunks = build_model_chunks(cfg.model, cfg.parallel, block_attention_spec())
+    chunks = build_model_chunks(cfg.model, cfg.parallel, core_attention_spec(cfg.model))
     first_chunk = chunks[0]
     chunks = wrap_ddp(cfg, chunks)
     optimizer = build_optimizer(cfg, chunks)

@@ -41,7 +41,7 @@ from megatron_uni import platform
 from megatron_uni.config import ModelConfig
 from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_IMAGE, MODALITY_TEXT
 from megatron_uni.diffusion.inputs import DiffusionInputs
-from megatron_uni.model.params import count_parameters
+from megatron_uni.model import flops
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -59,19 +59,13 @@ TOKEN_FIELDS = ("masked_ce", "masked_count", "special_loss", "special_weight")
 # ----------------------------------------------------------------------------------------------
 # FLOPs
 # ----------------------------------------------------------------------------------------------
-def matmul_params(model: ModelConfig) -> int:
-    """Active parameters every computed position multiplies with (active minus input embedding)."""
-    return count_parameters(model).active - model.vocab * model.hidden_size
-
-
 def flops_per_sequence(model: ModelConfig, seq_length: int, block_size: int) -> float:
-    """Training FLOPs (forward + backward) of one sequence of ``seq_length`` clean tokens."""
-    blocks = seq_length // block_size
-    computed = 2 * seq_length
-    linear = 2 * matmul_params(model) * computed
-    attended_pairs = blocks * (blocks + 1) * block_size ** 2
-    attention = 4 * model.num_layers * model.num_attention_heads * model.kv_channels * attended_pairs
-    return 3.0 * (linear + attention)
+    """Training FLOPs of one ``[noisy | clean]`` row holding one document of ``seq_length`` clean
+    tokens, by the one formula of ``model/flops.py``: linear layers on all 2L positions, attention
+    on the L(L + B) pairs the mask rule allows, training = 3 x forward."""
+    pairs = seq_length * (seq_length + block_size)
+    forward = flops.linear_forward_flops(model, 2 * seq_length) + flops.attention_forward_flops(model, pairs)
+    return float(flops.TRAIN_OVER_FORWARD * forward)
 
 
 def peak_flops(device_name: Optional[str]) -> Optional[float]:
