@@ -38,3 +38,17 @@ def random_batch(gen: torch.Generator, batch_size: int, seq_length: int, block_s
     tokens = torch.where(image, vocab.image_offset + tokens % vocab.num_image_codes, tokens)
     modality = torch.where(image, MODALITY_IMAGE, MODALITY_TEXT).to(torch.int8)
     return Batch(tokens=tokens, maskable=maskable, modality=modality, doc_ids=doc_ids, position_ids=position_ids)
+
+
+def complementary_layouts(shared_clean: bool, prefix_aware: bool, seeds=range(3)):
+    """Attention layouts of random complementary-masked micro-batches (4 rows of 64, block 8),
+    in the two-row or shared-clean form, full or prefix-aware: the layouts every mask
+    implementation and counter is checked on."""
+    from megatron_uni.config import DiffusionConfig
+    from megatron_uni.diffusion.inputs import build_inputs
+
+    vocab = tiny_vocab()
+    cfg = DiffusionConfig(complementary=True, shared_clean=shared_clean, prefix_aware=prefix_aware)
+    for seed in seeds:
+        batch = random_batch(torch.Generator().manual_seed(seed), 4, 64, 8, vocab)
+        yield build_inputs(batch, vocab, cfg, torch.Generator().manual_seed(seed), block_size=8, pad_multiple=16).layout

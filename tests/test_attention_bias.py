@@ -10,19 +10,14 @@ from megatron_uni.attention.masks import dense_mask
 from megatron_uni.config import ConfigError, DiffusionConfig, load_config
 from megatron_uni.diffusion.inputs import build_inputs
 from megatron_uni.model import spec, te_attention
-from diffusion_helpers import random_batch, tiny_vocab
+from diffusion_helpers import complementary_layouts, random_batch, tiny_vocab
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "model", "tiny.yaml")
 
 
 @pytest.mark.parametrize("shared_clean,prefix_aware", [(False, False), (True, False), (False, True), (True, True)])
 def test_bias_is_zero_exactly_where_the_mask_rule_allows(shared_clean, prefix_aware):
-    vocab = tiny_vocab()
-    for seed in range(3):
-        batch = random_batch(torch.Generator().manual_seed(seed), 4, 64, 8, vocab)
-        cfg = DiffusionConfig(complementary=True, shared_clean=shared_clean, prefix_aware=prefix_aware)
-        layout = build_inputs(batch, vocab, cfg, torch.Generator().manual_seed(seed), block_size=8,
-                              pad_multiple=16).layout
+    for layout in complementary_layouts(shared_clean, prefix_aware):
         masked_out = dense_mask(layout)
         for dtype in (torch.float32, torch.bfloat16):
             bias = additive_bias(layout, dtype)

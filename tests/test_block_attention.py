@@ -70,7 +70,7 @@ def _noisy_block_logits(model, inputs, ids, row, positions):
 def test_no_leak_into_a_noisy_block(models):
     ours, _ = models
     inputs, vocab = make_inputs(3, length=64)
-    layout, L = inputs.layout, 64
+    layout = inputs.layout
     row = 0
     doc0 = (layout.doc[row] == 0)
     blocks = layout.block[row]

@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from megatron_uni.attention.masks import dense_mask
-from megatron_uni.config import DiffusionConfig, load_config
-from megatron_uni.diffusion.inputs import build_inputs
+from megatron_uni.config import load_config
 from megatron_uni.diffusion.layout import full_layout, shared_clean_layout
 from megatron_uni.model import flops
 from megatron_uni.model.params import count_parameters
-from diffusion_helpers import random_batch, tiny_vocab
+from diffusion_helpers import complementary_layouts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,12 +48,7 @@ def test_tiny_attention_pairs_and_step_by_hand():
 
 @pytest.mark.parametrize("shared_clean,prefix_aware", [(False, False), (True, False), (False, True), (True, True)])
 def test_attended_pairs_equal_the_dense_mask(shared_clean, prefix_aware):
-    vocab = tiny_vocab()
-    for seed in range(3):
-        batch = random_batch(torch.Generator().manual_seed(seed), 4, 64, 8, vocab)
-        cfg = DiffusionConfig(complementary=True, shared_clean=shared_clean, prefix_aware=prefix_aware)
-        layout = build_inputs(batch, vocab, cfg, torch.Generator().manual_seed(seed), block_size=8,
-                              pad_multiple=16).layout
+    for layout in complementary_layouts(shared_clean, prefix_aware):
         assert flops.attended_pairs(layout) == int((~dense_mask(layout)).sum())
 
 
