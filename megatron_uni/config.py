@@ -214,6 +214,16 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         validate_diffusion(self)
 
+    @property
+    def rows_per_sample(self) -> int:
+        """Model rows per sample: 2 for two-row complementary pairs, else 1."""
+        return 2 if self.complementary and not self.shared_clean else 1
+
+    @property
+    def copies_per_row(self) -> int:
+        """Row length in clean lengths: 3 for ``[noisy_a | noisy_b | clean]``, else 2."""
+        return 3 if self.shared_clean else 2
+
 
 @dataclasses.dataclass
 class CheckpointConfig:

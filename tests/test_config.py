@@ -273,3 +273,12 @@ def test_a_resolved_config_written_as_yaml_loads_back_unchanged(tmp_path):
                             "diffusion.weighting=elbo"])
     recipe = _write(tmp_path / "resolved.yaml", yaml.safe_dump(cfg.to_dict()))
     assert load_config(recipe) == cfg
+
+
+def test_rows_and_row_length_of_the_diffusion_layouts():
+    plain = load_config(TINY).diffusion
+    pairs = load_config(TINY, ["diffusion.complementary=true"]).diffusion
+    shared = load_config(TINY, ["diffusion.complementary=true", "diffusion.shared_clean=true"]).diffusion
+    assert (plain.rows_per_sample, plain.copies_per_row) == (1, 2)
+    assert (pairs.rows_per_sample, pairs.copies_per_row) == (2, 2)   # the schedule must see 2 x mbs rows
+    assert (shared.rows_per_sample, shared.copies_per_row) == (1, 3)

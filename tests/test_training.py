@@ -181,3 +181,18 @@ def test_prefix_aware_option_compacts_the_loop_microbatches(demo):
     assert full.input_ids.shape[1] == 2 * 128 and (full.layout.doc != FILLER_DOC).all()
     # rows are padded to the pad multiple with filler: count the positions that are kept
     assert (compact.layout.doc != FILLER_DOC).sum() < full.layout.doc.numel()
+
+
+def test_two_row_complementary_pairs_run_under_pipeline_parallelism(demo, tmp_path):
+    """Two-row complementary pairs double the rows of a micro-batch; the PP schedule must be told
+    (its p2p buffers are sized from micro_batch_size): it crashed with a gloo read error before."""
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+         "megatron_uni.cli", "train", "recipes/demo/tiny_cpu.yaml", *_data_args(demo), "parallel.pipeline=2",
+         "diffusion.complementary=true", "schedule.train_iters=2", "schedule.warmup_iters=1", "data.seq_length=128",
+         f"checkpoint.save={tmp_path / 'ckpt'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    losses = {int(i): float(loss) for i, loss in ITER_LINE.findall(done.stdout)}
+    assert sorted(losses) == [1, 2] and all(loss == loss for loss in losses.values())

@@ -85,7 +85,7 @@ class MicrobatchSource:
     def model_seq_length(self) -> int:
         """Sequence length the model sees: 2L for ``[noisy | clean]``, 3L for the shared-clean
         ``[noisy_a | noisy_b | clean]`` layout."""
-        return (3 if self.cfg.diffusion.shared_clean else 2) * self.cfg.data.seq_length
+        return self.cfg.diffusion.copies_per_row * self.cfg.data.seq_length
 
 
 @dataclasses.dataclass

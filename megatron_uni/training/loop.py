@@ -225,7 +225,7 @@ def train_step(state: TrainState, make_microbatch: MicrobatchFn, seq_length: int
         model=state.model,
         num_microbatches=num_microbatches(cfg),
         seq_length=seq_length,
-        micro_batch_size=cfg.data.micro_batch_size,
+        micro_batch_size=cfg.data.micro_batch_size * cfg.diffusion.rows_per_sample,  # p2p shapes under PP
         forward_only=False,
     )
     losses = step_losses(reports, cfg.diffusion.confidence_beta)

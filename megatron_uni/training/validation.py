@@ -74,7 +74,7 @@ class Validation:
                 forward_step_func=make_forward_step("mean"),
                 data_iterator=iterators if len(iterators) > 1 else iterators[0], model=state.model,
                 num_microbatches=num_microbatches(self.cfg), seq_length=self.seq_length,
-                micro_batch_size=self.cfg.data.micro_batch_size, forward_only=True)
+                micro_batch_size=self.cfg.data.micro_batch_size * self.diffusion.rows_per_sample, forward_only=True)
         return reports
 
     def __call__(self, state: TrainState) -> Dict[str, float]:
