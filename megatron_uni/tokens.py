@@ -54,8 +54,25 @@ def pad_vocab_size(size: int, tensor_parallel: int = 1, divisor: int = VOCAB_DIV
     return round_up(size, divisor * tensor_parallel)
 
 
+class _Sizes:
+    """Sizes both vocabulary types derive from their ``text_size`` and ``num_image_codes``."""
+
+    text_size: int
+    num_image_codes: int
+
+    @property
+    def image_offset(self) -> int:
+        """Id of image code 0: image codes follow the text ids."""
+        return self.text_size
+
+    @property
+    def size(self) -> int:
+        """Unpadded model vocabulary: text + image codes."""
+        return self.text_size + self.num_image_codes
+
+
 @dataclasses.dataclass(frozen=True)
-class VocabularyLayout:
+class VocabularyLayout(_Sizes):
     """The vocabulary facts that travel with checkpoints and datasets (no tokenizer).
 
     ``padded_size`` is the model's vocabulary rows (``ModelConfig.vocab``): ``size`` padded by
@@ -74,14 +91,6 @@ class VocabularyLayout:
         """The layout of ``text_size`` text rows and ``num_image_codes`` codes, padded by the rule."""
         return cls(text_size, num_image_codes, pad_vocab_size(text_size + num_image_codes), **specials)
 
-    @property
-    def image_offset(self) -> int:
-        return self.text_size
-
-    @property
-    def size(self) -> int:
-        """Unpadded model vocabulary: text + image codes."""
-        return self.text_size + self.num_image_codes
 
     @property
     def mask_id(self) -> int:
@@ -103,7 +112,7 @@ class VocabularyLayout:
 
 
 @dataclasses.dataclass(frozen=True)
-class Vocabulary:
+class Vocabulary(_Sizes):
     """Token-id layout. Build with :meth:`from_tokenizer_dir` (real) or :meth:`synthetic` (tests)."""
 
     text_size: int
@@ -115,16 +124,7 @@ class Vocabulary:
     special_strings: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: dict(SPECIAL_TOKEN_STRINGS), compare=False)
 
-    # ---- sizes -------------------------------------------------------------------------------
-    @property
-    def image_offset(self) -> int:
-        return self.text_size
-
-    @property
-    def size(self) -> int:
-        """Unpadded model vocabulary: text + image codes."""
-        return self.text_size + self.num_image_codes
-
+    # ---- sizes (image_offset and size come from _Sizes) -------------------------------------------
     def padded_size(self, tensor_parallel: int = 1) -> int:
         return pad_vocab_size(self.size, tensor_parallel)
 
