@@ -42,7 +42,6 @@ import datetime
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,16 +51,15 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_uni import platform
+from megatron_uni.config import Config, ConfigError, data_parallel_size, load_config
+from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_TEXT, Batch
+from megatron_uni.diffusion.inputs import DiffusionInputs, build_inputs
+from megatron_uni.model import flops
+from megatron_uni.tokens import Vocabulary
+from megatron_uni.training.metrics import peak_memory_gib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from megatron_uni.config import Config, ConfigError, data_parallel_size, load_config  # noqa: E402
-from megatron_uni.data.batch import IGNORE_INDEX, MODALITY_TEXT, Batch  # noqa: E402
-from megatron_uni.diffusion.inputs import DiffusionInputs, build_inputs  # noqa: E402
-from megatron_uni.model import flops  # noqa: E402
-from megatron_uni.tokens import Vocabulary  # noqa: E402
-
 CARD_DIR = os.path.join(REPO, "docs", "benchmarks")
 
 # Dense BF16 tensor-core peak per GPU, TFLOP/s (vendor datasheets, SXM parts, no sparsity).
@@ -91,17 +89,16 @@ def reset_peak_memory() -> None:
 
 
 def peak_memory() -> Dict:
-    if torch.cuda.is_available():
-        return {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "memory_kind": "cuda max allocated"}
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
-    return {"peak_memory_gib": rss_kib / 2 ** 20, "memory_kind": "process peak RSS (CPU)"}
+    """The training loop's measurement (``metrics.peak_memory_gib``) under the card's key names."""
+    memory = peak_memory_gib()
+    return {"peak_memory_gib": memory["peak_mem_gib"], "memory_kind": memory["peak_mem_kind"]}
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over all ranks (on the GPU under NCCL), returned on the CPU."""
+    """Sum over all ranks on the process group's device (``platform.device``), returned on the CPU."""
     if not torch.distributed.is_initialized():
         return tensor
-    moved = tensor.cuda() if torch.cuda.is_available() else tensor
+    moved = tensor.to(platform.device())
     torch.distributed.all_reduce(moved)
     return moved.cpu()
 

@@ -21,6 +21,7 @@ dtypes from these only; the HF reference asks the table which tensors stay fp32.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -50,7 +51,7 @@ DIMS: Dict[str, Callable[[Any, int], int]] = {
 # ----------------------------------------------------------------------------------------------
 # transforms: each owns both directions and the megatron shape it makes
 # ----------------------------------------------------------------------------------------------
-class Transform:
+class Transform(abc.ABC):
     """``sources`` HF tensors of one shape <-> one megatron tensor. No TP logic: both sides are
     whole (per-expert) tensors; the importer slices the megatron one into local views."""
 
@@ -59,11 +60,13 @@ class Transform:
     def megatron_shape(self, hf_shape: Shape) -> Shape:
         return hf_shape
 
+    @abc.abstractmethod
     def to_megatron(self, hf: Sequence[torch.Tensor], model_cfg) -> torch.Tensor:
-        raise NotImplementedError
+        """The megatron tensor from the rule's HF tensors."""
 
+    @abc.abstractmethod
     def to_hf(self, tensor: torch.Tensor, model_cfg) -> Tuple[torch.Tensor, ...]:
-        raise NotImplementedError
+        """The rule's HF tensors from the megatron tensor."""
 
 
 class Identity(Transform):

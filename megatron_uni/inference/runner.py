@@ -19,6 +19,7 @@ a CFG branch shifts its positions, never its block grid.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
@@ -116,7 +117,7 @@ class UncachedRunner:
         return self.logits_fn(ids, pos, allowed)[:, -tokens.shape[1]:]
 
 
-class CachedRunner:
+class CachedRunner(abc.ABC):
     """Base of the runners with a :class:`KVCache`: ``_call_model(tokens, positions, allowed,
     cache, write)`` runs the model on the new tokens only, reading the cached keys/values of
     every attention layer and, when ``write``, appending the new ones."""
@@ -130,8 +131,9 @@ class CachedRunner:
     def new_cache(self, rows: int, block_size: int) -> KVCache:
         return KVCache(block_size=block_size, rows=rows)
 
+    @abc.abstractmethod
     def _call_model(self, tokens, positions, allowed, cache: KVCache, write: bool) -> torch.Tensor:
-        raise NotImplementedError
+        """Logits of the new tokens; reads the cache, and appends to it when ``write``."""
 
     def _run(self, cache: KVCache, tokens, positions, valid, write: bool) -> torch.Tensor:
         start = cache.length
